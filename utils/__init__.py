@@ -1,0 +1,1 @@
+"""Run-level helpers: configuration, artifact paths, distribution, I/O, logging, engines."""
