@@ -1,0 +1,118 @@
+"""The concept bank of SPEC §4: per prototype, the newest `capacity` teacher projections."""
+import torch
+
+
+class ConceptBank:
+    """A preallocated ring buffer per prototype; starts empty every run and is no artifact
+    (only a resume state keeps it, so that an interrupted run continues as it would have).
+
+    Slot (k, s) is filled once `count[k] > s`; `head[k]` is the slot the next value of
+    prototype k goes to, so the oldest stored value sits at `head[k]` once the ring is full.
+    One extra trash row after the K·capacity slots absorbs the writes of tokens that are
+    not stored, which keeps `update` free of data-dependent shapes.
+    """
+
+    def __init__(self, num_prototypes, dim, capacity=100, device=None, dtype=torch.float32):
+        self.num_prototypes = num_prototypes
+        self.dim = dim
+        self.capacity = capacity
+        self._storage = torch.zeros(num_prototypes * capacity + 1, dim, device=device, dtype=dtype)
+        self.count = torch.zeros(num_prototypes, dtype=torch.int64, device=device)
+        self.head = torch.zeros(num_prototypes, dtype=torch.int64, device=device)
+
+    @property
+    def values(self):
+        """[K, capacity, dim]; slots beyond `count` hold zeros (finite, so masking them suffices)."""
+        return self._storage[:-1].view(self.num_prototypes, self.capacity, self.dim)
+
+    def valid(self):
+        """[K, capacity] bool: which slots hold a stored value."""
+        slots = torch.arange(self.capacity, device=self.count.device)
+        return slots < self.count[:, None]
+
+    def update(self, index, values, generator=None):
+        """Store a uniformly random half (rounded down) of each prototype's tokens.
+
+        index [N] prototype of each token, values [N, dim] their teacher projections;
+        `generator`, if given, lives on the bank's device.
+        The kept tokens are appended in a random order and only the newest `capacity`
+        survive, as the official bank does.
+        """
+        index = index.reshape(-1).to(self.count.device)
+        values = values.detach().reshape(-1, self.dim).to(self._storage)
+        n = index.numel()
+        # A random permutation, then a stable sort by prototype: each prototype's tokens
+        # end up contiguous and in uniformly random order.
+        perm = torch.randperm(n, generator=generator, device=index.device)
+        group, order = torch.sort(index[perm], stable=True)
+        token = perm[order]
+        # Group bounds by binary search in the sorted prototypes (bincount would sync on CUDA).
+        prototypes = torch.arange(self.num_prototypes, device=index.device)
+        starts = torch.searchsorted(group, prototypes)
+        sizes = torch.searchsorted(group, prototypes, right=True) - starts
+        rank = torch.arange(n, device=index.device) - starts[group]
+        taken = sizes // 2
+        # The first `taken` in random order are appended; of those, only the last
+        # `capacity` would survive the trim, so only they are written (each slot once).
+        stored = (rank < taken[group]) & (rank >= taken[group] - self.capacity)
+        slot = group * self.capacity + (self.head[group] + rank) % self.capacity
+        trash = self._storage.shape[0] - 1
+        self._storage[torch.where(stored, slot, trash)] = values[token]
+        self.head = (self.head + taken) % self.capacity
+        self.count = (self.count + taken).clamp_max(self.capacity)
+
+    def candidates(self):
+        """The whole buffer with fixed shapes: (prototype [K·cap] int64, values [K·cap, dim], valid [K·cap])."""
+        # Integer division rather than repeat_interleave, which syncs to size its output.
+        prototype = torch.arange(self.num_prototypes * self.capacity, device=self.count.device) // self.capacity
+        return prototype, self._storage[:-1], self.valid().reshape(-1)
+
+    def is_empty(self):
+        """Syncs with the device: for logging only."""
+        return not bool(self.count.any())
+
+    def entries(self):
+        """{prototype: [n, dim] values, oldest first} for the non-empty prototypes; syncs, for tests and inspection."""
+        result = {}
+        for k in torch.nonzero(self.count).flatten().tolist():
+            n = int(self.count[k])
+            slots = (int(self.head[k]) - n + torch.arange(n)) % self.capacity
+            result[k] = self.values[k, slots.to(self.count.device)]
+        return result
+
+    @classmethod
+    def from_entries(cls, entries, num_prototypes, capacity=100, dim=None):
+        """A bank holding `entries` {prototype: [n, dim] values, oldest first} (the golden files'
+        form); only the newest `capacity` of a longer list are kept. `dim` is needed only
+        when `entries` is empty."""
+        first = next(iter(entries.values()), None)
+        if first is None and dim is None:
+            raise ValueError("an empty entries dict does not tell the projection dim: pass dim")
+        bank = cls(num_prototypes, first.shape[-1] if dim is None else dim, capacity,
+                   device=None if first is None else first.device,
+                   dtype=torch.float32 if first is None else first.dtype)
+        for k, stored in entries.items():
+            stored = stored[-capacity:]
+            n = stored.shape[0]
+            bank.values[k, :n] = stored
+            bank.count[k] = n
+            bank.head[k] = n % capacity
+        return bank
+
+    def state_dict(self):
+        return {"storage": self._storage, "count": self.count, "head": self.head}
+
+    def load_state_dict(self, state):
+        if state["storage"].shape != self._storage.shape:
+            raise ValueError(f"saved concept bank has shape {tuple(state['storage'].shape)}, "
+                             f"expected {tuple(self._storage.shape)}")
+        self._storage.copy_(state["storage"])
+        self.count.copy_(state["count"])
+        self.head.copy_(state["head"])
+
+    def to(self, device):
+        """Moves the buffers to `device` in place and returns the bank."""
+        self._storage = self._storage.to(device)
+        self.count = self.count.to(device)
+        self.head = self.head.to(device)
+        return self

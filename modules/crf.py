@@ -1,0 +1,53 @@
+"""Dense CRF refinement of the cluster predictions (SPEC §6), with the official settings."""
+from functools import partial
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import torch
+import torch.nn.functional as F
+from pydensecrf.utils import unary_from_softmax
+
+from utils.visualize import denormalize
+
+GAUSSIAN_SXY, GAUSSIAN_COMPAT = 1, 3
+BILATERAL_SXY, BILATERAL_SRGB, BILATERAL_COMPAT = 67, 3, 4
+
+
+def crf_image(image):
+    """The 8-bit image the official code gives the CRF: ×255, truncated, channels reversed.
+
+    torchvision's to_pil_image casts float to uint8, which truncates toward zero and wraps
+    out-of-range values modulo 256 (-1 -> 255, 256 -> 0) instead of clipping; the modulo is
+    explicit here so the result does not depend on the platform's float-to-uint8 cast.
+    """
+    scaled = (denormalize(image.float().cpu()) * 255).to(torch.int64) % 256
+    return np.ascontiguousarray(scaled.to(torch.uint8).permute(1, 2, 0).numpy()[:, :, ::-1])
+
+
+def dense_crf(image, log_probs, max_iter=10):
+    """image [3,H,W] ImageNet-normalised, log_probs [K,h,w] -> CRF marginals [K,H,W] (float32, CPU)."""
+    rgb = crf_image(image)
+    height, width = rgb.shape[:2]
+    logits = F.interpolate(log_probs.float().cpu()[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    probs = F.softmax(logits, dim=0).numpy()
+    classes = probs.shape[0]
+
+    crf = dcrf.DenseCRF2D(width, height, classes)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=GAUSSIAN_SXY, compat=GAUSSIAN_COMPAT)
+    crf.addPairwiseBilateral(sxy=BILATERAL_SXY, srgb=BILATERAL_SRGB, rgbim=rgb, compat=BILATERAL_COMPAT)
+    q = np.array(crf.inference(max_iter), dtype=np.float32).reshape(classes, height, width)
+    return torch.from_numpy(q)
+
+
+def _dense_crf_pair(pair, max_iter):
+    return dense_crf(*pair, max_iter=max_iter)
+
+
+def dense_crf_batch(images, log_probs, max_iter=10, pool=None):
+    """[B,3,H,W], [B,K,h,w] -> [B,K,H,W] on the images' device; the CRF itself runs on CPU,
+    across `pool` (a multiprocessing pool) when one is given."""
+    pairs = list(zip(images.detach().cpu(), log_probs.detach().cpu()))
+    run = partial(_dense_crf_pair, max_iter=max_iter)
+    outputs = pool.map(run, pairs) if pool is not None else [run(pair) for pair in pairs]
+    return torch.stack(outputs).to(images.device)

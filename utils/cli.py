@@ -1,0 +1,40 @@
+"""The entry point every step script calls: parse the shared arguments, run one engine.
+
+Errors a user can fix (bad data layout, wrong checkpoint, missing earlier step, busy
+port...) are printed as one clear message instead of a traceback.
+"""
+import sys
+
+from utils.config import parse_config
+
+# Problems with the user's input; anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+
+
+def run_crop(cfg):
+    from loader import DATASETS, write_cropped_dataset
+    target = cfg.data_dir / DATASETS[cfg.dataset].crop_dir
+    if target.is_dir() and not cfg.restart:
+        print(f"[crop] {target} exists (crop sets are renamed into place only when complete); skipping")
+        return target
+    return write_cropped_dataset(cfg.dataset, cfg.data_dir, num_workers=cfg.num_workers)
+
+
+def step_runner(step):
+    """The engine of a step (imported lazily so `--help` stays fast)."""
+    if step == "crop":
+        return run_crop
+    from utils import evaluate, fine_tune, front_door, mediator
+    return {"mediator": mediator.run, "front_door": front_door.run,
+            "fine_tune": fine_tune.run, "test": evaluate.run}[step]
+
+
+def main(step, head=None, argv=None):
+    cfg = parse_config(step, head, argv)
+    try:
+        return step_runner(step)(cfg)
+    except USER_ERRORS as err:
+        if isinstance(err, (NotImplementedError, RecursionError)):
+            raise
+        print(f"error [{step}{' ' + head.upper() if head else ''}]: {err}", file=sys.stderr)
+        sys.exit(2)

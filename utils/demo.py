@@ -1,0 +1,54 @@
+"""The embedded demo: synthetic data and a stand-in backbone, so `bash run` works with no downloads.
+
+`python -m utils.demo prepare --root demo` writes
+  demo/data/cocostuff/...              a synthetic data set in the real cocostuff layout (SPEC §2)
+  demo/checkpoint/dino_vit_tiny_8.pth  a randomly initialised ViT-Tiny/8 in the DINO release layout
+and prints shell assignments (DEMO_DATA_DIR, DEMO_CKPT, DEMO_ARGS) that `run` evaluates.
+The demo's numbers check the pipeline on synthetic images; they are not the paper's.
+"""
+import argparse
+import shlex
+from pathlib import Path
+
+import torch
+
+from loader.synthetic import make_synthetic_cocostuff
+from models import build_backbone
+from utils.io import save_torch
+
+DEMO_ARCH = "dino_vit_tiny_8"
+
+# Sizes that keep every step a few CPU minutes: 128-px crops (16×16 tokens, 4×4 after grid
+# sampling), a 64-prototype clusterbook and 128-d projections instead of 2048/2048.
+DEMO_OPTIONS = ["--train_resolution", "128", "--test_resolution", "128", "--batch_size", "8",
+                "--num_codebook", "64", "--projection_dim", "128", "--num_workers", "0",
+                "--crf_workers", "2", "--num_pictures", "8"]
+
+
+def prepare(root, n_train=40, n_val=16, image_size=256, seed=0):
+    root = Path(root)
+    data_dir = root / "data"
+    if not (data_dir / "cocostuff" / "curated" / "val2017").is_dir():
+        make_synthetic_cocostuff(data_dir, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
+    ckpt = root / "checkpoint" / f"{DEMO_ARCH}.pth"
+    if not ckpt.is_file():
+        torch.manual_seed(seed)
+        save_torch(build_backbone(DEMO_ARCH).state_dict(), ckpt)
+    options = DEMO_OPTIONS + ["--output_root", str(root / "CAUSE"), "--results_root", str(root / "results"),
+                              "--logs_root", str(root / "logs")]
+    return data_dir, ckpt, options
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["prepare"])
+    parser.add_argument("--root", type=Path, default=Path("demo"))
+    args = parser.parse_args()
+    data_dir, ckpt, options = prepare(args.root)
+    print(f"DEMO_DATA_DIR={shlex.quote(str(data_dir))}")
+    print(f"DEMO_CKPT={shlex.quote(str(ckpt))}")
+    print(f"DEMO_ARGS={shlex.quote(' '.join(options))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Step 4 — evaluation: nearest-centroid prediction, dense CRF, Hungarian-matched mIoU (SPEC §6)."""
+import json
+import multiprocessing
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from modules.crf import dense_crf_batch
+from modules.grid import tokens_to_map
+from modules.metrics import MatchedMetrics
+from modules.probe import ClusterModule
+from utils.artifacts import load_modular, load_state_strict, require
+from utils.engine import (Precision, backbone_tokens, batches, check_data, labelled_cross_entropy, make_backbone,
+                          run_step, seed_everything, val_loader)
+from utils.front_door import build_segment
+from utils.io import save_text
+from utils.visualize import save_prediction_pictures
+
+
+def run(cfg):
+    # Evaluation is one process (as the official test scripts): the CRF runs on CPU workers anyway.
+    first_gpu = cfg.gpu.split(",")[0] if cfg.gpu else cfg.gpu
+    return run_step(replace(cfg, gpu=first_gpu, nproc=1), evaluate, is_complete=is_complete, preflight=preflight)
+
+
+def preflight(cfg, paths):
+    check_data(cfg, ["val"])
+    require(paths.modular, "train_mediator.py")
+    require(paths.segment, f"train_front_door_{cfg.head}.py")
+    require(paths.cluster, f"fine_tuning_{cfg.head}.py")
+
+
+def is_complete(cfg, paths):
+    try:
+        return "crf" in json.loads(paths.metrics.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_trained_modules(ctx):
+    """Backbone, segment module and cluster probe of a finished run (or released files), loaded strictly."""
+    cfg = ctx.cfg
+    backbone = make_backbone(ctx)
+    codebook = load_modular(ctx.paths.modular, cfg.num_codebook, cfg.dim)
+    segment = build_segment(cfg, codebook, ctx.device)
+    load_state_strict(segment, ctx.paths.segment, "segment module", f"train_front_door_{cfg.head}.py")
+    cluster = ClusterModule(cfg.num_codebook, cfg.dim, cfg.reduced_dim, cfg.n_classes).to(ctx.device)
+    load_state_strict(cluster, ctx.paths.cluster, "cluster probe", f"fine_tuning_{cfg.head}.py")
+    return backbone, segment, cluster
+
+
+def dense_features(backbone, segment, images, size, precision, flip):
+    """head_ema features on the patch grid, upsampled bilinearly to `size`: [B,R,H,W].
+
+    With `flip`, the mean of the image's and its mirrored image's features (SPEC §6).
+    The backbone runs under autocast, the head in float32, as the official test scripts.
+    """
+    with precision.autocast():
+        tokens = backbone_tokens(backbone, images)
+    features = tokens_to_map(segment.head_ema(tokens.float()))
+    if flip:
+        with precision.autocast():
+            flipped = backbone_tokens(backbone, images.flip(-1))
+        features = (features + tokens_to_map(segment.head_ema(flipped.float())).flip(-1)) / 2
+    return F.interpolate(features, size, mode="bilinear", align_corners=False)
+
+
+def summary(metrics):
+    result = metrics.compute()
+    return {"mIoU": result["mIoU"], "pAcc": result["Acc"], "per_class_iou": result["per_class_iou"]}
+
+
+@torch.no_grad()
+def evaluate(ctx):
+    cfg = ctx.cfg
+    seed_everything(cfg.seed, 0)
+    backbone, segment, cluster = load_trained_modules(ctx)
+    segment.eval()
+    precision = Precision(cfg.precision, ctx.device)
+    loader = val_loader(ctx, cfg.test_resolution, distributed=False)
+    raw_metrics = MatchedMetrics(cfg.n_classes, ctx.device)
+    crf_metrics = MatchedMetrics(cfg.n_classes, ctx.device)
+    probe = torch.zeros(2, device=ctx.device)
+    pictures = []
+    with multiprocessing.get_context("spawn").Pool(max(1, cfg.crf_workers)) as pool:
+        for _, bar, batch in batches(ctx, loader, 0, f"[test {cfg.head.upper()}] {cfg.dataset}"):
+            images, labels = batch["img"], batch["label"]
+            features = dense_features(backbone, segment, images, labels.shape[-2:], precision, flip=True)
+            raw = cluster.predict(features)
+            crf = dense_crf_batch(images, cluster.crf_log_probs(features), pool=pool).argmax(1)
+            raw_metrics.update(raw, labels)
+            crf_metrics.update(crf, labels)
+            with precision.autocast():
+                tokens = backbone_tokens(backbone, images)
+            _, correct, counted = labelled_cross_entropy(segment.linear(segment.head_ema(tokens.float())), labels,
+                                                         cfg.n_classes)
+            probe += torch.stack([correct, counted]).float()
+            for i in range(len(images)):
+                if len(pictures) < cfg.num_pictures:
+                    pictures.append((int(batch["ind"][i]), images[i].cpu(), labels[i].cpu(), raw[i].cpu(), crf[i].cpu()))
+            bar.set_postfix(crf_mIoU=f"{crf_metrics.compute()['mIoU']:.1f}")
+
+    results = {
+        "dataset": cfg.dataset, "head": cfg.head, "backbone": cfg.arch, "checkpoint": str(cfg.ckpt),
+        "crf": summary(crf_metrics),
+        "no_crf": summary(raw_metrics),
+        "linear_probe_pixel_accuracy_uses_labels": 100 * (probe[0] / probe[1].clamp(min=1)).item(),
+    }
+    palette = ctx.dataset_info.palette
+    for index, image, label, raw, crf in pictures:
+        save_prediction_pictures(ctx.paths.results, index, image, label, raw, crf, crf_metrics.match(crf), palette)
+    save_text(json.dumps(results, indent=2), ctx.paths.metrics)
+    print(f"[test {cfg.head.upper()}] {cfg.dataset}: without CRF mIoU {results['no_crf']['mIoU']:.1f} "
+          f"pAcc {results['no_crf']['pAcc']:.1f}; linear probe (uses labels) pixel accuracy "
+          f"{results['linear_probe_pixel_accuracy_uses_labels']:.1f}")
+    print(f"[test {cfg.head.upper()}] metrics: {ctx.paths.metrics}; pictures of {len(pictures)} images: {ctx.paths.results}")
+    print(f"mIoU: {results['crf']['mIoU']:.1f} pAcc: {results['crf']['pAcc']:.1f}")
+    return results
