@@ -15,8 +15,7 @@ def build(head):
     segment.set_codebook(codebook)
     segment.init_ema()
     cluster = ClusterModule(11, 32, 9, 5)
-    cluster.codebook.data.copy_(codebook)
-    cluster.codebook.requires_grad = False
+    cluster.codebook.copy_(codebook)
     segment.train()
     return segment, cluster, torch.randn(2, 16, 32), torch.randint(-1, 5, (2, 16, 16))
 

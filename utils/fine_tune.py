@@ -62,8 +62,7 @@ def train(ctx):
     segment = build_segment(cfg, codebook, ctx.device)
     load_state_strict(segment, ctx.paths.segment, "segment module", f"train_front_door_{cfg.head}.py")
     cluster = ClusterModule(cfg.num_codebook, cfg.dim, cfg.reduced_dim, cfg.n_classes).to(ctx.device)
-    cluster.codebook.data.copy_(codebook)
-    cluster.codebook.requires_grad = False
+    cluster.codebook.copy_(codebook)
     broadcast_parameters(cluster)
     segment_trained = set_trainable(segment, cfg.label_leak)
     info = ctx.dataset_info

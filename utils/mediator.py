@@ -4,7 +4,6 @@ import torch
 
 from modules.grid import grid_sample_tokens
 from modules.losses import modularity_loss
-from modules.probe import ClusterModule
 from utils.artifacts import ArtifactError, load_modular
 from utils.distributed import broadcast_parameters
 from utils.engine import (Logger, Precision, ResumeState, backbone_tokens, batches, check_data, check_finite,
@@ -26,14 +25,17 @@ def is_complete(cfg, paths):
         return False
 
 
+def new_clusterbook(num_codebook, dim, device):
+    """SPEC §3: 2048 prototypes drawn from uniform(-1/2048, 1/2048)."""
+    return torch.empty(num_codebook, dim, device=device).uniform_(-1 / num_codebook, 1 / num_codebook)
+
+
 def train(ctx):
     cfg = ctx.cfg
     seed_everything(cfg.seed, ctx.dist.rank)
     backbone = make_backbone(ctx)
-    # The clusterbook lives where the released cluster files keep it (ClusterModule.codebook).
-    cluster = ClusterModule(cfg.num_codebook, cfg.dim, cfg.reduced_dim, cfg.n_classes).to(ctx.device)
-    broadcast_parameters(cluster)
-    codebook = cluster.codebook
+    codebook = torch.nn.Parameter(new_clusterbook(cfg.num_codebook, cfg.dim, ctx.device))
+    broadcast_parameters(torch.nn.ParameterList([codebook]))
     optimizer = torch.optim.Adam([codebook], lr=cfg.lr * ctx.dist.world_size)
     # As the official code: decay 0.2 per epoch (one epoch by default, so it never acts).
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
@@ -45,7 +47,7 @@ def train(ctx):
     start = 0
     state = resume.load()
     if state is not None:
-        cluster.load_state_dict(state["cluster"])
+        codebook.data.copy_(state["codebook"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         precision.scaler.load_state_dict(state["scaler"])
@@ -66,7 +68,7 @@ def train(ctx):
         scheduler.step()
         if ctx.dist.is_main:
             save_numpy(codebook.detach().float().cpu().numpy().astype(np.float32), ctx.paths.modular)
-        resume.save(epoch, cluster=cluster.state_dict(), optimizer=optimizer.state_dict(),
+        resume.save(epoch, codebook=codebook.detach().cpu(), optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), scaler=precision.scaler.state_dict())
     resume.finish()
     logger.close()

@@ -1,0 +1,363 @@
+"""The five data sets of SPEC §2: where their files lie, how labels become classes, loaders.
+
+Training reads the cropped train set (see loader/crops.py), evaluation the uncropped val
+set. Every layout problem is reported up front by `check_layout` with the file that is
+missing and the layout that was expected, so a run fails before any model is built.
+"""
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from loader.transforms import ResizePair, normalise
+
+SPLITS = ("train", "val")
+LABEL_MAPS = Path(__file__).with_name("label_maps.json")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    n_classes: int
+    root: str  # folder under data_dir holding the source data
+    crop_type: str  # "five" | "double" | "super" (loader/crops.py)
+    crop_dir: str  # cropped train set, relative to data_dir
+    legacy_crop_dir: str | None  # STEGO's name of the same crops, read when only it exists
+    square_resize: bool  # resize to res×res instead of shorter side + centre crop
+    palette: str
+    front_door_clip: dict  # gradient-norm clip of the segment module per head, step 2
+    fine_tune_clip: dict | None  # the same for step 3; None: no clipping
+    weight_decay: float
+    official_clip: bool  # False: the official code has no values here; these are the project's
+
+
+# The official scripts clip only for cocostuff27 and cityscapes; elsewhere step 2 raises there,
+# so the project reuses the cocostuff27 values in step 2 and does not clip in step 3.
+_COCO_CLIP = {"tr": 2.0, "mlp": 0.1}
+_CITY_CLIP = {"tr": 1.0, "mlp": 1.0}
+
+DATASETS = {
+    "cocostuff27": DatasetInfo(
+        "cocostuff27", 27, "cocostuff", "five", "cocostuff/cropped/cocostuff_five_crop_0.5",
+        "cocostuff27/cropped/cocostuff27_five_crop_0.5", False, "pascal", _COCO_CLIP, _COCO_CLIP, 1e-4, True),
+    "cityscapes": DatasetInfo(
+        "cityscapes", 27, "cityscapes", "five", "cityscapes/cropped/cityscapes_five_crop_0.5",
+        None, False, "cityscapes", _CITY_CLIP, _CITY_CLIP, 0.0, True),
+    "pascalvoc": DatasetInfo(
+        "pascalvoc", 21, "pascalvoc", "super", "pascalvoc/cropped/pascalvoc_super_crop_0",
+        None, True, "pascal", _COCO_CLIP, None, 1e-4, False),
+    "coco81": DatasetInfo(
+        "coco81", 81, "cocostuff", "double", "cocostuff/cropped/coco81_double_crop_0",
+        None, False, "pascal", _COCO_CLIP, None, 1e-4, False),
+    "coco171": DatasetInfo(
+        "coco171", 171, "cocostuff", "double", "cocostuff/cropped/coco171_double_crop_0",
+        None, False, "pascal", _COCO_CLIP, None, 1e-4, False),
+}
+
+_LABEL_MAP_KEYS = {"cocostuff27": "cocostuff27_fine_to_coarse", "coco81": "coco81_fine_to_class",
+                   "coco171": "coco171_fine_to_class"}
+_COCO_LISTS = {"full": "Coco164kFull_Stuff_Coarse.txt", "cocostuff27_val": "Coco164kFull_Stuff_Coarse_7.txt"}
+_COCO_SPLITS = {"train": "train2017", "val": "val2017"}
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A data set's files are not where SPEC §2 puts them."""
+
+
+def dataset_info(name):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def crop_command(name, data_dir):
+    return f"python crop_dataset.py --dataset {name} --data_dir {data_dir}"
+
+
+def expected_layout(info, data_dir):
+    """The SPEC §2 layout of one data set, as told to a user whose files are elsewhere."""
+    if info.root == "cocostuff":
+        val_list = _COCO_LISTS["cocostuff27_val" if info.name == "cocostuff27" else "full"]
+        source = [
+            "cocostuff/images/{train2017,val2017}/ID.jpg",
+            "cocostuff/annotations/{train2017,val2017}/ID.png   (COCO-Stuff fine label ids, 255 = unlabelled)",
+            f"cocostuff/curated/train2017/{_COCO_LISTS['full']}   (one ID per line)",
+            f"cocostuff/curated/val2017/{val_list}",
+        ]
+    elif info.root == "cityscapes":
+        source = [
+            "cityscapes/leftImg8bit/{train,val}/CITY/*_leftImg8bit.png",
+            "cityscapes/gtFine/{train,val}/CITY/*_gtFine_labelIds.png",
+        ]
+    else:
+        source = [
+            "pascalvoc/VOCdevkit/VOC2012/JPEGImages/ID.jpg",
+            "pascalvoc/VOCdevkit/VOC2012/SegmentationClass/ID.png   (palette PNG, 255 = ignore)",
+            "pascalvoc/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt   (one ID per line)",
+        ]
+    crops = [f"{info.crop_dir}/{{img,label}}/train/{{0,1,...}}.{{jpg,png}}   "
+             f"(training crops; make them with: {crop_command(info.name, data_dir)})"]
+    lines = "\n".join(f"  {line}" for line in source + crops)
+    return f"Expected layout under --data_dir {data_dir} (SPEC §2):\n{lines}"
+
+
+def _layout_error(info, data_dir, problem):
+    return DatasetLayoutError(f"{info.name}: {problem}\n{expected_layout(info, data_dir)}")
+
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def _check_data_dir(info, data_dir):
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise _layout_error(info, data_dir, f"--data_dir {data_dir} does not exist or is not a folder.")
+    if not any(data_dir.iterdir()):
+        raise _layout_error(info, data_dir, f"--data_dir {data_dir} is empty.")
+    return data_dir
+
+
+def _require_dir(info, data_dir, folder, what):
+    if not folder.is_dir():
+        raise _layout_error(info, data_dir, f"{what} {folder} is missing.")
+
+
+def _require_files(info, data_dir, paths, what, hint=""):
+    """All of `paths` exist; one directory listing per folder, so 100k-file lists stay fast."""
+    present = {}
+    missing = []
+    for path in paths:
+        if path.parent not in present:
+            present[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
+        if path.name not in present[path.parent]:
+            missing.append(path)
+    if missing:
+        shown = "\n".join(f"    {path}" for path in missing[:5])
+        more = f"\n    ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise _layout_error(info, data_dir, f"{len(missing)} of {len(paths)} {what} files are missing:\n"
+                                            f"{shown}{more}{hint}")
+
+
+def _read_list(info, data_dir, list_file):
+    if not list_file.is_file():
+        raise _layout_error(info, data_dir, f"image list {list_file} is missing.")
+    ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise _layout_error(info, data_dir, f"image list {list_file} names no images.")
+    return ids
+
+
+def _listed_files(info, data_dir, list_file, image_dir, label_dir):
+    """Images ID.jpg and labels ID.png of the IDs in `list_file`, in list order."""
+    ids = _read_list(info, data_dir, list_file)
+    _require_dir(info, data_dir, image_dir, "image folder")
+    _require_dir(info, data_dir, label_dir, "label folder")
+    images = [image_dir / f"{i}.jpg" for i in ids]
+    labels = [label_dir / f"{i}.png" for i in ids]
+    listed = f"\n  (named by {list_file})"
+    _require_files(info, data_dir, images, "image", listed)
+    _require_files(info, data_dir, labels, "label", listed)
+    return images, labels
+
+
+def _cityscapes_files(info, data_dir, split):
+    image_dir = data_dir / "cityscapes" / "leftImg8bit" / split
+    label_dir = data_dir / "cityscapes" / "gtFine" / split
+    _require_dir(info, data_dir, image_dir, "image folder")
+    _require_dir(info, data_dir, label_dir, "label folder")
+    # Sorted by city, then file name: a fixed order (os.listdir's is not).
+    images = sorted(image_dir.glob("*/*_leftImg8bit.png"), key=lambda p: (p.parent.name, p.name))
+    if not images:
+        raise _layout_error(info, data_dir, f"no CITY/*_leftImg8bit.png images in {image_dir}.")
+    labels = [label_dir / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+              for p in images]
+    _require_files(info, data_dir, labels, "label")
+    return images, labels
+
+
+def _source_files(info, data_dir, split):
+    """(image files, label files) of the uncropped `split`, in dataset order."""
+    if info.root == "cocostuff":
+        folder = _COCO_SPLITS[split]
+        uses_7 = info.name == "cocostuff27" and split == "val"
+        list_file = data_dir / "cocostuff" / "curated" / folder / _COCO_LISTS["cocostuff27_val" if uses_7 else "full"]
+        return _listed_files(info, data_dir, list_file, data_dir / "cocostuff" / "images" / folder,
+                             data_dir / "cocostuff" / "annotations" / folder)
+    if info.root == "cityscapes":
+        return _cityscapes_files(info, data_dir, split)
+    voc = data_dir / "pascalvoc" / "VOCdevkit" / "VOC2012"
+    return _listed_files(info, data_dir, voc / "ImageSets" / "Segmentation" / f"{split}.txt",
+                         voc / "JPEGImages", voc / "SegmentationClass")
+
+
+def _crop_files(info, data_dir):
+    """(image files, label files) of the cropped train set: {i}.jpg / {i}.png for i = 0..n-1."""
+    root = data_dir / info.crop_dir
+    legacy = data_dir / info.legacy_crop_dir if info.legacy_crop_dir else None
+    if not root.is_dir() and legacy is not None and legacy.is_dir():
+        root = legacy
+    remake = f"\nMake the crops with: {crop_command(info.name, data_dir)}"
+    if not root.is_dir():
+        also = f" (nor STEGO's {legacy})" if legacy is not None else ""
+        raise _layout_error(info, data_dir, f"the cropped training set {root} is missing{also}.{remake}")
+    image_dir, label_dir = root / "img" / "train", root / "label" / "train"
+    _require_dir(info, data_dir, image_dir, "crop image folder")
+    _require_dir(info, data_dir, label_dir, "crop label folder")
+    count = sum(1 for name in os.listdir(image_dir) if name.endswith(".jpg"))
+    if count == 0:
+        raise _layout_error(info, data_dir, f"the crop image folder {image_dir} holds no crops.{remake}")
+    images = [image_dir / f"{i}.jpg" for i in range(count)]
+    labels = [label_dir / f"{i}.png" for i in range(count)]
+    _require_files(info, data_dir, images, "crop image", remake)
+    _require_files(info, data_dir, labels, "crop label", remake)
+    return images, labels
+
+
+@lru_cache(maxsize=None)
+def _label_maps():
+    return json.loads(LABEL_MAPS.read_text())
+
+
+def source_lut(info):
+    """256-entry table: stored label value -> class (-1 = ignore) for the uncropped data."""
+    if info.root == "cocostuff":
+        # Zero-initialised as in the official loader: fine ids absent from a map become class 0.
+        lut = np.zeros(256, dtype=np.int64)
+        for fine, cls in _label_maps()[_LABEL_MAP_KEYS[info.name]].items():
+            lut[int(fine)] = cls
+        lut[255] = -1
+    elif info.root == "cityscapes":
+        lut = np.arange(256, dtype=np.int64) - 7  # labelIds 0..6 are void
+        lut[lut < 0] = -1
+    else:
+        lut = np.arange(256, dtype=np.int64)
+        lut[21:] = -1  # 255 marks object borders and unlabelled pixels
+    return lut
+
+
+# Crops store class + 1, so 0 is ignore.
+CROP_LUT = np.arange(256, dtype=np.int64) - 1
+
+
+def _open(path, kind):
+    """Open and fully decode an image so a corrupt or truncated file fails here, naming itself."""
+    try:
+        picture = Image.open(path)
+        picture.load()
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read {kind} file {path}: {err}") from err
+    return picture
+
+
+class LabelledImages(Dataset):
+    """Image/label file pairs, read as (PIL RGB image, int64 class map with -1 = ignore)."""
+
+    def __init__(self, name, image_files, label_files, lut, n_classes):
+        self.name = name
+        self.image_files = list(image_files)
+        self.label_files = list(label_files)
+        self.lut = lut
+        self.n_classes = n_classes
+
+    def __len__(self):
+        return len(self.image_files)
+
+    def __getitem__(self, index):
+        return self.read(index)
+
+    def read(self, index, resize=None):
+        """The pair at `index`; `resize` acts on the stored label values, before they become classes
+        (nearest-neighbour resampling commutes with the mapping, and PIL cannot hold -1)."""
+        image_file, label_file = self.image_files[index], self.label_files[index]
+        image = _open(image_file, "image").convert("RGB")
+        label = _open(label_file, "label")
+        if image.size != label.size:
+            raise ValueError(f"image {image_file} is {image.size[0]}×{image.size[1]} but its label "
+                             f"{label_file} is {label.size[0]}×{label.size[1]}")
+        if resize is not None:
+            image, label = resize(image, label)
+        return image, self._classes(np.asarray(label), label_file)
+
+    def _classes(self, stored, label_file):
+        if stored.ndim != 2:
+            raise ValueError(f"label file {label_file} must be single-channel (class ids), got shape {stored.shape}")
+        if stored.size and (stored.min() < 0 or stored.max() > 255):
+            raise ValueError(f"label file {label_file} holds values outside 0..255 "
+                             f"({stored.min()}..{stored.max()})")
+        classes = self.lut[stored]
+        too_big = classes >= self.n_classes
+        if too_big.any():
+            values = np.unique(stored[too_big])
+            raise ValueError(f"label file {label_file} holds value(s) {values[:5].tolist()} that map to class(es) "
+                             f"{np.unique(classes[too_big])[:5].tolist()}, but {self.name} has "
+                             f"{self.n_classes} classes (0..{self.n_classes - 1})")
+        return classes
+
+
+class SegmentationDataset(Dataset):
+    """Items {"ind", "img" [3,res,res] normalised, "label" [res,res] int64} as the steps read them."""
+
+    def __init__(self, source, resolution, square):
+        self.source = source
+        self.resize = ResizePair(resolution, square)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        image, label = self.source.read(index, self.resize)
+        return {"ind": index, "img": normalise(image), "label": torch.from_numpy(label)}
+
+
+def check_layout(name, data_dir, split):
+    """Raise DatasetLayoutError (or ValueError for a bad name/split) unless `split` can be read."""
+    info = dataset_info(name)
+    _check_split(split)
+    data_dir = _check_data_dir(info, data_dir)
+    if split == "train":
+        _crop_files(info, data_dir)
+    else:
+        _source_files(info, data_dir, split)
+
+
+def build_source_dataset(name, data_dir, split):
+    """The uncropped `split` at full resolution: items (PIL RGB image, int64 class map)."""
+    info = dataset_info(name)
+    _check_split(split)
+    data_dir = _check_data_dir(info, data_dir)
+    images, labels = _source_files(info, data_dir, split)
+    return LabelledImages(name, images, labels, source_lut(info), info.n_classes)
+
+
+def build_dataset(name, data_dir, split, resolution):
+    """Training ("train": the cropped set) or evaluation ("val": uncropped) items at `resolution`."""
+    info = dataset_info(name)
+    _check_split(split)
+    if split == "val":
+        source = build_source_dataset(name, data_dir, split)
+    else:
+        images, labels = _crop_files(info, _check_data_dir(info, data_dir))
+        source = LabelledImages(name, images, labels, CROP_LUT, info.n_classes)
+    return SegmentationDataset(source, resolution, info.square_resize)
+
+
+def build_loader(dataset, batch_size, *, shuffle, rank=0, world_size=1, num_workers=0, seed=0, drop_last=False):
+    """A DataLoader; with world_size > 1 each rank reads its own share through a DistributedSampler,
+    reachable as `loader.sampler` so the caller can `set_epoch` it."""
+    common = dict(batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
+                  pin_memory=torch.cuda.is_available())
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        return DataLoader(dataset, sampler=sampler, **common)
+    return DataLoader(dataset, shuffle=shuffle, generator=torch.Generator().manual_seed(seed), **common)
