@@ -40,30 +40,32 @@ class DatasetInfo:
 
 # The official scripts clip only for cocostuff27 and cityscapes; elsewhere step 2 raises there,
 # so the project reuses the cocostuff27 values in step 2 and does not clip in step 3.
+# Each entry gets its own copy, so changing one data set's values cannot change another's.
 _COCO_CLIP = {"tr": 2.0, "mlp": 0.1}
 _CITY_CLIP = {"tr": 1.0, "mlp": 1.0}
 
 DATASETS = {
     "cocostuff27": DatasetInfo(
         "cocostuff27", 27, "cocostuff", "five", "cocostuff/cropped/cocostuff_five_crop_0.5",
-        "cocostuff27/cropped/cocostuff27_five_crop_0.5", False, "pascal", _COCO_CLIP, _COCO_CLIP, 1e-4, True),
+        "cocostuff27/cropped/cocostuff27_five_crop_0.5", False, "pascal", dict(_COCO_CLIP), dict(_COCO_CLIP), 1e-4, True),
     "cityscapes": DatasetInfo(
         "cityscapes", 27, "cityscapes", "five", "cityscapes/cropped/cityscapes_five_crop_0.5",
-        None, False, "cityscapes", _CITY_CLIP, _CITY_CLIP, 0.0, True),
+        None, False, "cityscapes", dict(_CITY_CLIP), dict(_CITY_CLIP), 0.0, True),
     "pascalvoc": DatasetInfo(
         "pascalvoc", 21, "pascalvoc", "super", "pascalvoc/cropped/pascalvoc_super_crop_0",
-        None, True, "pascal", _COCO_CLIP, None, 1e-4, False),
+        None, True, "pascal", dict(_COCO_CLIP), None, 1e-4, False),
     "coco81": DatasetInfo(
         "coco81", 81, "cocostuff", "double", "cocostuff/cropped/coco81_double_crop_0",
-        None, False, "pascal", _COCO_CLIP, None, 1e-4, False),
+        None, False, "pascal", dict(_COCO_CLIP), None, 1e-4, False),
     "coco171": DatasetInfo(
         "coco171", 171, "cocostuff", "double", "cocostuff/cropped/coco171_double_crop_0",
-        None, False, "pascal", _COCO_CLIP, None, 1e-4, False),
+        None, False, "pascal", dict(_COCO_CLIP), None, 1e-4, False),
 }
 
 _LABEL_MAP_KEYS = {"cocostuff27": "cocostuff27_fine_to_coarse", "coco81": "coco81_fine_to_class",
                    "coco171": "coco171_fine_to_class"}
-_COCO_LISTS = {"full": "Coco164kFull_Stuff_Coarse.txt", "cocostuff27_val": "Coco164kFull_Stuff_Coarse_7.txt"}
+COCO_LIST = "Coco164kFull_Stuff_Coarse.txt"
+COCO_LIST_7 = "Coco164kFull_Stuff_Coarse_7.txt"  # the cocostuff27 val subset
 _COCO_SPLITS = {"train": "train2017", "val": "val2017"}
 
 
@@ -77,6 +79,10 @@ def dataset_info(name):
     return DATASETS[name]
 
 
+def _coco_list(info, split):
+    return COCO_LIST_7 if info.name == "cocostuff27" and split == "val" else COCO_LIST
+
+
 def crop_command(name, data_dir):
     return f"python crop_dataset.py --dataset {name} --data_dir {data_dir}"
 
@@ -84,12 +90,11 @@ def crop_command(name, data_dir):
 def expected_layout(info, data_dir):
     """The SPEC §2 layout of one data set, as told to a user whose files are elsewhere."""
     if info.root == "cocostuff":
-        val_list = _COCO_LISTS["cocostuff27_val" if info.name == "cocostuff27" else "full"]
         source = [
             "cocostuff/images/{train2017,val2017}/ID.jpg",
             "cocostuff/annotations/{train2017,val2017}/ID.png   (COCO-Stuff fine label ids, 255 = unlabelled)",
-            f"cocostuff/curated/train2017/{_COCO_LISTS['full']}   (one ID per line)",
-            f"cocostuff/curated/val2017/{val_list}",
+            f"cocostuff/curated/train2017/{COCO_LIST}   (one ID per line)",
+            f"cocostuff/curated/val2017/{_coco_list(info, 'val')}",
         ]
     elif info.root == "cityscapes":
         source = [
@@ -188,8 +193,7 @@ def _source_files(info, data_dir, split):
     """(image files, label files) of the uncropped `split`, in dataset order."""
     if info.root == "cocostuff":
         folder = _COCO_SPLITS[split]
-        uses_7 = info.name == "cocostuff27" and split == "val"
-        list_file = data_dir / "cocostuff" / "curated" / folder / _COCO_LISTS["cocostuff27_val" if uses_7 else "full"]
+        list_file = data_dir / "cocostuff" / "curated" / folder / _coco_list(info, split)
         return _listed_files(info, data_dir, list_file, data_dir / "cocostuff" / "images" / folder,
                              data_dir / "cocostuff" / "annotations" / folder)
     if info.root == "cityscapes":
@@ -207,7 +211,7 @@ def _crop_files(info, data_dir):
         root = legacy
     remake = f"\nMake the crops with: {crop_command(info.name, data_dir)}"
     if not root.is_dir():
-        also = f" (nor STEGO's {legacy})" if legacy is not None else ""
+        also = f" (and so is STEGO's name for it, {legacy})" if legacy is not None else ""
         raise _layout_error(info, data_dir, f"the cropped training set {root} is missing{also}.{remake}")
     image_dir, label_dir = root / "img" / "train", root / "label" / "train"
     _require_dir(info, data_dir, image_dir, "crop image folder")
@@ -250,12 +254,15 @@ CROP_LUT = np.arange(256, dtype=np.int64) - 1
 
 def _open(path, kind):
     """Open and fully decode an image so a corrupt or truncated file fails here, naming itself."""
+    picture = None
     try:
         picture = Image.open(path)
-        picture.load()
+        picture.load()  # also closes the file: the pixels are in memory now
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError) as err:
+        if picture is not None:
+            picture.close()
         raise ValueError(f"cannot read {kind} file {path}: {err}") from err
     return picture
 
@@ -285,24 +292,26 @@ class LabelledImages(Dataset):
         if image.size != label.size:
             raise ValueError(f"image {image_file} is {image.size[0]}×{image.size[1]} but its label "
                              f"{label_file} is {label.size[0]}×{label.size[1]}")
+        # Checked at full resolution, so a bad value fails whatever pixels the resize keeps.
+        stored = self._checked(np.asarray(label), label_file)
         if resize is not None:
             image, label = resize(image, label)
-        return image, self._classes(np.asarray(label), label_file)
+            stored = np.asarray(label)
+        return image, self.lut[stored]
 
-    def _classes(self, stored, label_file):
+    def _checked(self, stored, label_file):
         if stored.ndim != 2:
             raise ValueError(f"label file {label_file} must be single-channel (class ids), got shape {stored.shape}")
         if stored.size and (stored.min() < 0 or stored.max() > 255):
             raise ValueError(f"label file {label_file} holds values outside 0..255 "
                              f"({stored.min()}..{stored.max()})")
-        classes = self.lut[stored]
-        too_big = classes >= self.n_classes
+        too_big = self.lut[stored] >= self.n_classes
         if too_big.any():
             values = np.unique(stored[too_big])
             raise ValueError(f"label file {label_file} holds value(s) {values[:5].tolist()} that map to class(es) "
-                             f"{np.unique(classes[too_big])[:5].tolist()}, but {self.name} has "
+                             f"{self.lut[values[:5]].tolist()}, but {self.name} has "
                              f"{self.n_classes} classes (0..{self.n_classes - 1})")
-        return classes
+        return stored
 
 
 class SegmentationDataset(Dataset):

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from loader.datasets import COCO_LIST, COCO_LIST_7
+
 # Fine ids with distinct cocostuff27 classes (9, 11, 7, 23, 21, 26, 5, 3), all mapped in coco81/171 too.
 PLANTED_FINE_IDS = (0, 2, 16, 105, 124, 147, 43, 61)
 STRIPE_PERIODS = (5, 7, 9, 11, 13, 6, 8, 10)  # pixels
-LIST_NAME = "Coco164kFull_Stuff_Coarse.txt"
-VAL_LIST_7 = "Coco164kFull_Stuff_Coarse_7.txt"
 
 
 def class_colours(n_classes):
@@ -75,9 +75,9 @@ def make_synthetic_cocostuff(data_dir, n_train=48, n_val=16, image_size=96, seed
                 Image.fromarray(image).save(staging / "images" / folder / f"{image_id}.jpg", quality=95)
                 Image.fromarray(label).save(staging / "annotations" / folder / f"{image_id}.png")
             listing = "".join(f"{image_id}\n" for image_id in ids)
-            (staging / "curated" / folder / LIST_NAME).write_text(listing)
+            (staging / "curated" / folder / COCO_LIST).write_text(listing)
             if folder == "val2017":
-                (staging / "curated" / folder / VAL_LIST_7).write_text(listing)
+                (staging / "curated" / folder / COCO_LIST_7).write_text(listing)
         staging.rename(target)
     finally:
         if staging.exists():

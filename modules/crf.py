@@ -20,34 +20,42 @@ def crf_image(image):
     out-of-range values modulo 256 (-1 -> 255, 256 -> 0) instead of clipping; the modulo is
     explicit here so the result does not depend on the platform's float-to-uint8 cast.
     """
-    scaled = (denormalize(image.float().cpu()) * 255).to(torch.int64) % 256
+    scaled = (denormalize(image.detach().float().cpu()) * 255).to(torch.int64) % 256
     return np.ascontiguousarray(scaled.to(torch.uint8).permute(1, 2, 0).numpy()[:, :, ::-1])
+
+
+def _crf_inputs(image, log_probs):
+    """The torch half: the 8-bit BGR image and the class probabilities upsampled to its size."""
+    bgr = crf_image(image)
+    logits = F.interpolate(log_probs.detach().float().cpu()[None], size=bgr.shape[:2], mode="bilinear",
+                           align_corners=False)[0]
+    return bgr, F.softmax(logits, dim=0).numpy()
+
+
+def _crf_inference(bgr, probs, max_iter):
+    """The numpy/pydensecrf half, free of torch so that forked pool workers cannot hang on
+    the OpenMP thread pool a parent's torch ops leave behind."""
+    classes, height, width = probs.shape
+    crf = dcrf.DenseCRF2D(width, height, classes)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=GAUSSIAN_SXY, compat=GAUSSIAN_COMPAT)
+    crf.addPairwiseBilateral(sxy=BILATERAL_SXY, srgb=BILATERAL_SRGB, rgbim=bgr, compat=BILATERAL_COMPAT)
+    return np.array(crf.inference(max_iter), dtype=np.float32).reshape(classes, height, width)
+
+
+def _crf_inference_job(inputs, max_iter):
+    return _crf_inference(*inputs, max_iter)
 
 
 def dense_crf(image, log_probs, max_iter=10):
     """image [3,H,W] ImageNet-normalised, log_probs [K,h,w] -> CRF marginals [K,H,W] (float32, CPU)."""
-    rgb = crf_image(image)
-    height, width = rgb.shape[:2]
-    logits = F.interpolate(log_probs.float().cpu()[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    probs = F.softmax(logits, dim=0).numpy()
-    classes = probs.shape[0]
-
-    crf = dcrf.DenseCRF2D(width, height, classes)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    crf.addPairwiseGaussian(sxy=GAUSSIAN_SXY, compat=GAUSSIAN_COMPAT)
-    crf.addPairwiseBilateral(sxy=BILATERAL_SXY, srgb=BILATERAL_SRGB, rgbim=rgb, compat=BILATERAL_COMPAT)
-    q = np.array(crf.inference(max_iter), dtype=np.float32).reshape(classes, height, width)
-    return torch.from_numpy(q)
-
-
-def _dense_crf_pair(pair, max_iter):
-    return dense_crf(*pair, max_iter=max_iter)
+    return torch.from_numpy(_crf_inference(*_crf_inputs(image, log_probs), max_iter))
 
 
 def dense_crf_batch(images, log_probs, max_iter=10, pool=None):
     """[B,3,H,W], [B,K,h,w] -> [B,K,H,W] on the images' device; the CRF itself runs on CPU,
     across `pool` (a multiprocessing pool) when one is given."""
-    pairs = list(zip(images.detach().cpu(), log_probs.detach().cpu()))
-    run = partial(_dense_crf_pair, max_iter=max_iter)
-    outputs = pool.map(run, pairs) if pool is not None else [run(pair) for pair in pairs]
-    return torch.stack(outputs).to(images.device)
+    inputs = [_crf_inputs(image, lp) for image, lp in zip(images, log_probs)]
+    job = partial(_crf_inference_job, max_iter=max_iter)
+    outputs = pool.map(job, inputs) if pool is not None else [job(pair) for pair in inputs]
+    return torch.from_numpy(np.stack(outputs)).to(images.device)

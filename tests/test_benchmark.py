@@ -1,13 +1,19 @@
 """The benchmark's baseline (utils/official_formulation.py) computes what the project computes,
 so that the benchmark compares the costs of equal work; and the benchmark runs end to end.
 No timing is asserted here."""
+import copy
+import json
+
 import pytest
 import torch
 
 from conftest import load_golden
 from modules.bank import ConceptBank
+from modules.heads import SegmentModule
 from modules.losses import contrastive_loss, modularity_loss
-from utils.official_formulation import OfficialBank, official_contrastive_loss, official_modularity_loss
+from utils import benchmark
+from utils.official_formulation import (OfficialBank, official_contrastive_loss, official_ema_update,
+                                        official_modularity_loss)
 
 
 def value_and_grad(fn, leaf):
@@ -106,3 +112,30 @@ def test_contrastive_matches_official(with_bank, seed):
     loss, grad = value_and_grad(lambda p: contrastive_loss(feat, p, proj_ema, codebook, bank), proj)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_update_matches_official():
+    segment = SegmentModule("mlp", 8, reduced_dim=4, projection_dim=6)
+    with torch.no_grad():
+        for p in segment.head.parameters():
+            p.add_(1.0)
+    official = copy.deepcopy(segment)
+    segment.update_ema()
+    official_ema_update(official.head, official.head_ema)
+    official_ema_update(official.projection_head, official.projection_head_ema)
+    for name, value in official.state_dict().items():
+        torch.testing.assert_close(segment.state_dict()[name], value, rtol=0, atol=1e-7)
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    path = tmp_path / "benchmark.json"
+    results = benchmark.main(["--device", "cpu", "--small", "--arch", "dino_vit_tiny_8", "--resolution", "64",
+                              "--batch", "2", "--num-codebook", "16", "--projection-dim", "32",
+                              "--bank-capacity", "4", "--steps", "1", "--warmup", "0", "--json", str(path)])
+    assert json.loads(path.read_text()) == results
+    assert results["backbone_forward_s"] > 0
+    for side in ("project", "official"):
+        assert results[side].keys() == benchmark.MEASURES.keys()
+        assert all(value > 0 for value in results[side].values())
+    assert results["ratios"]["project_over_official"].keys() == benchmark.MEASURES.keys()
+    assert all(key in benchmark.MEASURES for key in benchmark.TARGETS)

@@ -1,4 +1,6 @@
 """Evaluation pieces against the official implementation's numbers (golden/eval.pt)."""
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +81,25 @@ def test_crf_batch_matches_single(golden):
     assert batch.shape == (2, *case["q"].shape)
     for image, lp, q in zip(images, log_probs, batch):
         torch.testing.assert_close(q, dense_crf(image, lp, max_iter=2))
+
+
+class _TimedPool:
+    """A pool whose map fails instead of hanging, so a deadlocked worker fails the test."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def map(self, function, iterable):
+        return self.pool.map_async(function, iterable).get(timeout=60)
+
+
+def test_crf_batch_in_forked_pool_after_parent_torch_work():
+    # Parent-side torch work starts OpenMP threads; forked workers must not depend on them.
+    torch.randn(256, 256) @ torch.randn(256, 256)
+    images, log_probs = torch.randn(2, 3, 12, 12), torch.randn(2, 3, 4, 4).log_softmax(0)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pooled = dense_crf_batch(images, log_probs, max_iter=2, pool=_TimedPool(pool))
+    torch.testing.assert_close(pooled, dense_crf_batch(images, log_probs, max_iter=2))
 
 
 def test_palettes():

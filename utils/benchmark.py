@@ -38,6 +38,7 @@ Targets (issue 6) are printed beside the measured ratios, not asserted.
 import argparse
 import copy
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -272,7 +273,7 @@ def run(shapes, device, steps, warmup, precision_name="fp16"):
         record(f"front_door_{head_type}_step", *front_door_steps(head_type, tokens, codebook, shapes, precision))
     record("bank_update", *bank_update_steps(index, shapes))
 
-    side = int(num_tokens ** 0.5)
+    side = math.isqrt(num_tokens)
     results.update({
         "device": device_name(device),
         "device_type": device.type,
@@ -329,7 +330,7 @@ def format_report(results):
         if key in TARGETS:
             limit, meaning = TARGETS[key]
             target = f"≤ {limit:.2f} ({meaning}): {'met' if ratio[key] <= limit else 'NOT met'}"
-        backbone = f"{over_backbone[key]:.2f}" if key in over_backbone else ""
+        backbone = f"{over_backbone[key]:.3g}" if key in over_backbone else ""
         lines.append(f"{label:<28}{fmt(results['project'][key]):>12}{fmt(results['official'][key]):>12}"
                      f"{ratio[key]:>10.3f}  {target:<36}{backbone:>14}")
     return "\n".join(lines)

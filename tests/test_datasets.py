@@ -1,0 +1,276 @@
+"""Loading the five data sets (SPEC §2): layouts, label mapping, transforms, errors and loaders."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data.distributed import DistributedSampler
+
+import datagen
+from conftest import GOLDEN, ROOT
+from loader import (DATASETS, DatasetLayoutError, build_dataset, build_loader, build_source_dataset, check_layout,
+                    write_cropped_dataset)
+
+MEAN = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
+GOLDEN_MAPS = json.loads((GOLDEN / "label_maps.json").read_text())
+COCO_MAP_KEYS = {"cocostuff27": "cocostuff27_fine_to_coarse", "coco81": "coco81_fine_to_class",
+                 "coco171": "coco171_fine_to_class"}
+
+# Classes of the planted stored values, read off SPEC §2 and the official maps by hand.
+COCO_EXPECTED = {
+    "cocostuff27": {11: 8, 95: 20, 200: 0, 255: -1, 181: 24},
+    "coco81": {11: 0, 95: 0, 200: 0, 255: -1, 181: 0},  # 11, 200 unmapped -> 0; stuff -> 0
+    "coco171": {11: 0, 95: 84, 200: 0, 255: -1, 181: 170},
+}
+CITYSCAPES_EXPECTED = {3: -1, 7: 0, 33: 26, 0: -1}
+VOC_EXPECTED = {255: -1, 20: 20, 0: 0, 100: -1}
+
+
+def reference_class(name, stored):
+    """Class of one stored label value, straight from SPEC §2 and the golden maps."""
+    stored = int(stored)
+    if name in COCO_MAP_KEYS:
+        return -1 if stored == 255 else GOLDEN_MAPS[COCO_MAP_KEYS[name]].get(str(stored), 0)
+    if name == "cityscapes":
+        return stored - 7 if stored >= 7 else -1
+    return stored if stored <= 20 else -1
+
+
+def reference_resize(array, res, square):
+    """Nearest-neighbour resize by pixel centres, then centre crop, for ratios that are exact in floats."""
+    height, width = array.shape[:2]
+    if square:
+        new_h = new_w = res
+    elif height <= width:
+        new_h, new_w = res, int(res * width / height)
+    else:
+        new_h, new_w = int(res * height / width), res
+    rows = ((np.arange(new_h) + 0.5) * height / new_h).astype(int)
+    cols = ((np.arange(new_w) + 0.5) * width / new_w).astype(int)
+    top, left = int(round((new_h - res) / 2)), int(round((new_w - res) / 2))
+    return array[rows][:, cols][top:top + res, left:left + res]
+
+
+def read(path):
+    return np.array(Image.open(path).convert("RGB") if path.suffix == ".jpg" else Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    datagen.write_all(root)
+    for name in DATASETS:
+        write_cropped_dataset(name, root, progress=False)
+    return root
+
+
+def test_label_maps_in_repo_are_the_golden_ones():
+    assert json.loads((ROOT / "loader" / "label_maps.json").read_text()) == GOLDEN_MAPS
+
+
+def test_dataset_table():
+    assert {name: info.n_classes for name, info in DATASETS.items()} == {
+        "cocostuff27": 27, "cityscapes": 27, "pascalvoc": 21, "coco81": 81, "coco171": 171}
+    assert [name for name, info in DATASETS.items() if info.square_resize] == ["pascalvoc"]
+    assert DATASETS["cityscapes"].palette == "cityscapes" and DATASETS["cityscapes"].weight_decay == 0.0
+    assert DATASETS["pascalvoc"].fine_tune_clip is None and DATASETS["cocostuff27"].fine_tune_clip == {"tr": 2.0, "mlp": 0.1}
+
+
+@pytest.mark.parametrize("name", ["cocostuff27", "coco81", "coco171"])
+def test_coco_planted_pixels(data_dir, name):
+    dataset = build_dataset(name, data_dir, "val", 40)
+    for index in range(len(dataset)):
+        label = dataset[index]["label"]
+        for (row, col), stored in datagen.COCO_PLANTED_OUT.items():
+            assert label[row, col] == COCO_EXPECTED[name][stored], (index, stored)
+
+
+def test_cityscapes_and_voc_planted_pixels(data_dir):
+    label = build_dataset("cityscapes", data_dir, "val", 40)[0]["label"]
+    for (row, col), stored in datagen.CITYSCAPES_PLANTED_OUT.items():
+        assert label[row, col] == CITYSCAPES_EXPECTED[stored]
+    label = build_dataset("pascalvoc", data_dir, "val", 20)[0]["label"]
+    for (row, col), stored in datagen.VOC_PLANTED_OUT.items():
+        assert label[row, col] == VOC_EXPECTED[stored]
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_val_items_match_reference(data_dir, name):
+    info = DATASETS[name]
+    dataset = build_dataset(name, data_dir, "val", 20)
+    source = build_source_dataset(name, data_dir, "val")
+    assert len(dataset) == len(source)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["ind"] == index
+        assert item["img"].dtype == torch.float32 and item["img"].shape == (3, 20, 20)
+        assert item["label"].dtype == torch.int64 and item["label"].shape == (20, 20)
+        stored = read(source.label_files[index])
+        expected = np.vectorize(lambda v: reference_class(name, v))(reference_resize(stored, 20, info.square_resize))
+        np.testing.assert_array_equal(item["label"].numpy(), expected)
+        pixels = reference_resize(read(source.image_files[index]), 20, info.square_resize)
+        normalised = (pixels.transpose(2, 0, 1) / 255 - MEAN) / STD
+        np.testing.assert_allclose(item["img"].numpy(), normalised, atol=1e-5)
+
+
+def test_val_lists_and_order(data_dir):
+    # cocostuff27 val reads the _7 list (one portrait image); coco81/171 the full list.
+    assert len(build_dataset("cocostuff27", data_dir, "val", 20)) == 1
+    assert len(build_dataset("coco81", data_dir, "val", 20)) == 2
+    files = build_source_dataset("cityscapes", data_dir, "train").image_files
+    assert [f.parent.name for f in files] == ["aachen", "aachen", "bonn", "bonn"]
+    assert files == sorted(files)
+
+
+def test_source_dataset_is_full_resolution_and_mapped(data_dir):
+    image, label = build_source_dataset("coco171", data_dir, "train")[2]
+    assert image.mode == "RGB" and image.size == (40, 56)
+    assert label.dtype == np.int64 and label.shape == (56, 40)
+    assert label[8, 1] == 84 and label[9, 0] == -1
+
+
+@pytest.mark.parametrize("name,index", [("cocostuff27", 0), ("cityscapes", 4), ("coco81", 0), ("pascalvoc", 20)])
+def test_train_reads_crops(data_dir, name, index):
+    info = DATASETS[name]
+    dataset = build_dataset(name, data_dir, "train", 10)
+    per_image = {"five": 5, "double": 20, "super": 50}[info.crop_type]
+    assert len(dataset) == len(build_source_dataset(name, data_dir, "train")) * per_image
+    item = dataset[index]  # a crop at ratio 0.5 of a landscape image: 20×28 (VOC 20×30)
+    stored = read(data_dir / info.crop_dir / "label" / "train" / f"{index}.png")
+    expected = reference_resize(stored.astype(np.int64), 10, info.square_resize) - 1
+    np.testing.assert_array_equal(item["label"].numpy(), expected)
+    assert item["label"].min() >= -1 and item["label"].max() < info.n_classes
+
+
+def test_legacy_stego_crop_dir_is_read_when_alone(tmp_path):
+    datagen.write_cocostuff(tmp_path)
+    info = DATASETS["cocostuff27"]
+    crops = write_cropped_dataset("cocostuff27", tmp_path, progress=False)
+    legacy = tmp_path / info.legacy_crop_dir
+    legacy.parent.mkdir(parents=True)
+    crops.rename(legacy)
+    check_layout("cocostuff27", tmp_path, "train")
+    dataset = build_dataset("cocostuff27", tmp_path, "train", 16)
+    assert len(dataset) == 15 and dataset.source.image_files[0].is_relative_to(legacy)
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="cocostuff27.*cityscapes.*pascalvoc.*coco81.*coco171"):
+        check_layout("coco", "data", "val")
+    with pytest.raises(ValueError, match="split"):
+        build_dataset("coco81", "data", "test", 20)
+
+
+def test_missing_or_empty_data_dir(tmp_path):
+    with pytest.raises(DatasetLayoutError, match="does not exist") as err:
+        check_layout("cocostuff27", tmp_path / "nowhere", "val")
+    assert "cocostuff/images/{train2017,val2017}/ID.jpg" in str(err.value)
+    with pytest.raises(DatasetLayoutError, match="is empty"):
+        build_dataset("pascalvoc", tmp_path, "val", 20)
+
+
+def test_missing_list_names_it(tmp_path):
+    datagen.write_cocostuff(tmp_path)
+    list_7 = tmp_path / "cocostuff" / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse_7.txt"
+    list_7.unlink()
+    check_layout("coco81", tmp_path, "val")  # coco81 val does not use the _7 list
+    with pytest.raises(DatasetLayoutError, match="Coco164kFull_Stuff_Coarse_7.txt is missing") as err:
+        check_layout("cocostuff27", tmp_path, "val")
+    assert "Expected layout" in str(err.value)
+
+
+def test_list_naming_absent_images(tmp_path):
+    datagen.write_pascalvoc(tmp_path)
+    val_list = tmp_path / "pascalvoc" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+    val_list.write_text(val_list.read_text() + "".join(f"2099_{i:06d}\n" for i in range(7)))
+    with pytest.raises(DatasetLayoutError) as err:
+        check_layout("pascalvoc", tmp_path, "val")
+    message = str(err.value)
+    assert "7 of 8 image files are missing" in message and "2099_000000.jpg" in message
+    assert "and 2 more" in message and "2099_000006" not in message and str(val_list) in message
+
+
+def test_missing_cityscapes_label(tmp_path):
+    datagen.write_cityscapes(tmp_path)
+    label = tmp_path / "cityscapes" / "gtFine" / "val" / "bonn" / "bonn_000000_000000_gtFine_labelIds.png"
+    label.unlink()
+    with pytest.raises(DatasetLayoutError, match="bonn_000000_000000_gtFine_labelIds.png"):
+        build_dataset("cityscapes", tmp_path, "val", 20)
+
+
+def test_missing_crops_name_the_crop_command(tmp_path):
+    datagen.write_cocostuff(tmp_path)
+    for name in ("cocostuff27", "coco81"):
+        with pytest.raises(DatasetLayoutError) as err:
+            build_dataset(name, tmp_path, "train", 20)
+        assert f"python crop_dataset.py --dataset {name} --data_dir {tmp_path}" in str(err.value)
+        assert DATASETS[name].crop_dir in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_names_the_file(tmp_path, damage):
+    ids = datagen.write_cocostuff(tmp_path)
+    image = tmp_path / "cocostuff" / "images" / "val2017" / f"{ids['val2017'][0]}.jpg"
+    image.write_bytes(b"not an image" if damage == "garbage" else image.read_bytes()[:300])
+    dataset = build_dataset("coco81", tmp_path, "val", 20)
+    with pytest.raises(ValueError, match=re.escape(f"cannot read image file {image}")):
+        dataset[0]
+
+
+def test_label_out_of_range_names_file_and_value(tmp_path):
+    datagen.write_cityscapes(tmp_path)
+    label = tmp_path / "cityscapes" / "gtFine" / "val" / "aachen" / "aachen_000000_000000_gtFine_labelIds.png"
+    stored = read(label)
+    stored[5, 20] = 40  # labelId 40 -> class 33 of 27
+    Image.fromarray(stored).save(label)
+    with pytest.raises(ValueError, match=re.escape(str(label)) + r".*\[40\].*\[33\].*27 classes"):
+        build_dataset("cityscapes", tmp_path, "val", 40)[0]
+
+
+def test_crop_label_out_of_range(tmp_path):
+    datagen.write_pascalvoc(tmp_path)
+    crops = write_cropped_dataset("pascalvoc", tmp_path, progress=False)
+    label = crops / "label" / "train" / "3.png"
+    stored = read(label)
+    stored[0, 0] = 22  # class 21 of 21
+    Image.fromarray(stored).save(label)
+    with pytest.raises(ValueError, match=re.escape(str(label)) + r".*\[22\].*\[21\]"):
+        build_dataset("pascalvoc", tmp_path, "train", 8)[3]
+
+
+def test_crop_set_with_missing_label(tmp_path):
+    datagen.write_pascalvoc(tmp_path)
+    crops = write_cropped_dataset("pascalvoc", tmp_path, progress=False)
+    (crops / "label" / "train" / "7.png").unlink()
+    with pytest.raises(DatasetLayoutError, match="7.png.*\n.*Make the crops with: python crop_dataset.py"):
+        check_layout("pascalvoc", tmp_path, "train")
+
+
+def test_loader_splits_indices_between_ranks():
+    dataset = list(range(10))
+    for shuffle in (False, True):
+        loaders = [build_loader(dataset, 3, shuffle=shuffle, rank=rank, world_size=2, seed=4) for rank in (0, 1)]
+        seen = [torch.cat(list(loader)).tolist() for loader in loaders]
+        assert all(isinstance(loader.sampler, DistributedSampler) for loader in loaders)
+        assert len(seen[0]) == len(seen[1]) == 5 and sorted(seen[0] + seen[1]) == dataset
+    loaders[0].sampler.set_epoch(1)
+    assert torch.cat(list(loaders[0])).tolist() != seen[0]
+
+
+def test_single_process_loader_is_seeded(data_dir):
+    dataset = build_dataset("cocostuff27", data_dir, "train", 8)
+    order = [torch.cat([batch["ind"] for batch in build_loader(dataset, 4, shuffle=True, seed=7)]).tolist()
+             for _ in range(2)]
+    assert order[0] == order[1] and sorted(order[0]) == list(range(15)) and order[0] != list(range(15))
+    batch = next(iter(build_loader(dataset, 4, shuffle=False)))
+    assert batch["img"].shape == (4, 3, 8, 8) and batch["label"].shape == (4, 8, 8)
+    assert batch["ind"].tolist() == [0, 1, 2, 3]
+
+
+def test_check_layout_accepts_good_data(data_dir):
+    for name in DATASETS:
+        for split in ("train", "val"):
+            check_layout(name, data_dir, split)
