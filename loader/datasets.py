@@ -47,7 +47,8 @@ _CITY_CLIP = {"tr": 1.0, "mlp": 1.0}
 DATASETS = {
     "cocostuff27": DatasetInfo(
         "cocostuff27", 27, "cocostuff", "five", "cocostuff/cropped/cocostuff_five_crop_0.5",
-        "cocostuff27/cropped/cocostuff27_five_crop_0.5", False, "pascal", dict(_COCO_CLIP), dict(_COCO_CLIP), 1e-4, True),
+        "cocostuff27/cropped/cocostuff27_five_crop_0.5", False, "pascal", dict(_COCO_CLIP), dict(_COCO_CLIP),
+        1e-4, True),
     "cityscapes": DatasetInfo(
         "cityscapes", 27, "cityscapes", "five", "cityscapes/cropped/cityscapes_five_crop_0.5",
         None, False, "cityscapes", dict(_CITY_CLIP), dict(_CITY_CLIP), 0.0, True),

@@ -76,7 +76,8 @@ def test_dataset_table():
         "cocostuff27": 27, "cityscapes": 27, "pascalvoc": 21, "coco81": 81, "coco171": 171}
     assert [name for name, info in DATASETS.items() if info.square_resize] == ["pascalvoc"]
     assert DATASETS["cityscapes"].palette == "cityscapes" and DATASETS["cityscapes"].weight_decay == 0.0
-    assert DATASETS["pascalvoc"].fine_tune_clip is None and DATASETS["cocostuff27"].fine_tune_clip == {"tr": 2.0, "mlp": 0.1}
+    assert DATASETS["pascalvoc"].fine_tune_clip is None
+    assert DATASETS["cocostuff27"].fine_tune_clip == {"tr": 2.0, "mlp": 0.1}
 
 
 @pytest.mark.parametrize("name", ["cocostuff27", "coco81", "coco171"])

@@ -15,8 +15,8 @@ Measured, for this project and for the official formulation (utils/official_form
 and once, the frozen backbone's forward pass, the cost no step can avoid.
 
 Method:
-- Time: median over --steps runs after --warmup untimed ones; on CUDA the device is
-  synchronised before and after each run.
+- Time: median over --steps runs after --warmup untimed ones; project and official runs
+  alternate; on CUDA the device is synchronised before and after each run.
 - Peak memory (mediator step): the most bytes allocated at any moment of one further run,
   above what was allocated when it started. CUDA: the allocator's counters
   (max_memory_allocated after reset_peak_memory_stats). CPU: every allocation and free
@@ -112,17 +112,21 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_seconds(step, device, steps, warmup):
+def median_seconds(steps_by_name, device, steps, warmup):
+    """{name: median seconds of its step}. The steps take turns, so that a change in the
+    machine's load (other processes) falls on all of them alike."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps_by_name.values():
+            step()
+    times = {name: [] for name in steps_by_name}
     for _ in range(steps):
-        _synchronize(device)
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps_by_name.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _allocation_events(prof):
@@ -249,7 +253,7 @@ def run(shapes, device, steps, warmup, precision_name="fp16"):
         with precision.autocast():
             return backbone_tokens(backbone, images)
 
-    backbone_s = median_seconds(forward, device, steps, warmup)
+    backbone_s = median_seconds({"backbone": forward}, device, steps, warmup)["backbone"]
     tokens = forward().float()
     batch, num_tokens, dim = tokens.shape
     sampled = grid_sample_tokens(tokens)[0]
@@ -262,9 +266,11 @@ def run(shapes, device, steps, warmup, precision_name="fp16"):
     results = {"project": {}, "official": {}}
 
     def record(name, project_step, official_step, memory=False):
-        for side, step in (("project", project_step), ("official", official_step)):
-            results[side][f"{name}_s"] = median_seconds(step, device, steps, warmup)
-            if memory:
+        sides = {"project": project_step, "official": official_step}
+        for side, seconds in median_seconds(sides, device, steps, warmup).items():
+            results[side][f"{name}_s"] = seconds
+        if memory:
+            for side, step in sides.items():
                 results[side][f"{name}_peak_bytes"] = peak_bytes(step, device)
 
     # One measure at a time, so that only its own buffers (a full bank can be GBs) are allocated.
@@ -345,8 +351,8 @@ def parse_args(argv=None):
                       help="the paper's shapes (default on CUDA)")
     size.add_argument("--small", action="store_const", const="small", dest="preset",
                       help="reduced shapes for a CPU (default on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per measure (default 10 CUDA, 5 CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 CUDA, 1 CPU)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measure")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16",
                         help="autocast on CUDA as in training (CPU always runs fp32)")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
@@ -362,13 +368,10 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but no CUDA device is available")
-    on_cuda = device.type == "cuda"
-    preset = args.preset or ("full" if on_cuda else "small")
+    preset = args.preset or ("full" if device.type == "cuda" else "small")
     shapes = replace(PRESETS[preset], **{field: getattr(args, field) for field in Shapes.__dataclass_fields__
                                          if getattr(args, field) is not None})
-    steps = args.steps if args.steps is not None else (10 if on_cuda else 5)
-    warmup = args.warmup if args.warmup is not None else (2 if on_cuda else 1)
-    results = run(shapes, device, steps, warmup, args.precision)
+    results = run(shapes, device, args.steps, args.warmup, args.precision)
     results["preset"] = preset
     print(format_report(results))
     if args.json:

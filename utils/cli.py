@@ -6,9 +6,12 @@ port...) are printed as one clear message instead of a traceback.
 import sys
 
 from utils.config import parse_config
+from utils.distributed import LaunchError
+from utils.engine import NonFiniteLossError
 
-# Problems with the user's input; anything else is a bug and keeps its traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+# Problems with the user's input or run (data layout, checkpoint, artifacts, launch, a diverged
+# loss) are raised as these; anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, ValueError, LaunchError, NonFiniteLossError)
 
 
 def run_crop(cfg):
@@ -34,7 +37,5 @@ def main(step, head=None, argv=None):
     try:
         return step_runner(step)(cfg)
     except USER_ERRORS as err:
-        if isinstance(err, (NotImplementedError, RecursionError)):
-            raise
         print(f"error [{step}{' ' + head.upper() if head else ''}]: {err}", file=sys.stderr)
         sys.exit(2)

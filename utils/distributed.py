@@ -18,6 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+class LaunchError(RuntimeError):
+    """The processes of a run cannot be started as asked (busy port, absent GPUs)."""
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int
@@ -83,10 +87,10 @@ def _requested_gpus(spec):
     try:
         gpus = [int(g) for g in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--gpu expects comma-separated GPU indices such as 0,1,2,3; got {spec!r}") from None
+        raise LaunchError(f"--gpu expects comma-separated GPU indices such as 0,1,2,3; got {spec!r}") from None
     missing = [g for g in gpus if not 0 <= g < available]
     if missing:
-        raise ValueError(f"--gpu {spec} names GPU(s) {missing}, but this machine has {available} "
+        raise LaunchError(f"--gpu {spec} names GPU(s) {missing}, but this machine has {available} "
                          f"(indices 0..{available - 1})" if available else
                          f"--gpu {spec} names GPU(s) {missing}, but no CUDA GPU is visible; omit --gpu to run on CPU")
     return gpus
@@ -97,7 +101,7 @@ def _check_port_free(port):
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
-            raise RuntimeError(f"port {port} is already in use (another run?); pass a free one with --port") from None
+            raise LaunchError(f"port {port} is already in use (another run?); pass a free one with --port") from None
 
 
 def is_initialized():
