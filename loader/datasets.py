@@ -363,11 +363,11 @@ def build_dataset(name, data_dir, split, resolution):
 
 
 def build_loader(dataset, batch_size, *, shuffle, rank=0, world_size=1, num_workers=0, seed=0, drop_last=False):
-    """A DataLoader; with world_size > 1 each rank reads its own share through a DistributedSampler,
-    reachable as `loader.sampler` so the caller can `set_epoch` it."""
-    common = dict(batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
-                  pin_memory=torch.cuda.is_available())
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-        return DataLoader(dataset, sampler=sampler, **common)
-    return DataLoader(dataset, shuffle=shuffle, generator=torch.Generator().manual_seed(seed), **common)
+    """A DataLoader reading this rank's share through a DistributedSampler (`loader.sampler`).
+
+    Also with one process: the sampler's order depends only on (seed, epoch) once the caller
+    `set_epoch`s it, so a run resumed after an epoch reads the batches an uninterrupted run would.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                      pin_memory=torch.cuda.is_available())

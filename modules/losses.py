@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from modules.quantize import quantize_index
 
 # Bytes the no-grad [B, rows, P, K] product tensor of the modularity arg-max may take.
-_CHUNK_BYTES = 256 * 2**20
+_CHUNK_BYTES = 64 * 2**20
 
 
 def _pairwise_argmax(assign, row_chunk):

@@ -33,9 +33,8 @@ def step_runner(step):
 
 
 def main(step, head=None, argv=None):
-    cfg = parse_config(step, head, argv)
     try:
-        return step_runner(step)(cfg)
+        return step_runner(step)(parse_config(step, head, argv))
     except USER_ERRORS as err:
         print(f"error [{step}{' ' + head.upper() if head else ''}]: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,7 @@
 """Step 4 — evaluation: nearest-centroid prediction, dense CRF, Hungarian-matched mIoU (SPEC §6)."""
 import json
 import multiprocessing
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -83,7 +84,8 @@ def evaluate(ctx):
     crf_metrics = MatchedMetrics(cfg.n_classes, ctx.device)
     probe = torch.zeros(2, device=ctx.device)
     pictures = []
-    with multiprocessing.get_context("spawn").Pool(max(1, cfg.crf_workers)) as pool:
+    # The CRF is CPU work: a pool of workers runs it for the images of a batch in parallel.
+    with (multiprocessing.Pool(cfg.crf_workers) if cfg.crf_workers > 1 else nullcontext()) as pool:
         for _, bar, batch in batches(ctx, loader, 0, f"[test {cfg.head.upper()}] {cfg.dataset}"):
             images, labels = batch["img"], batch["label"]
             features = dense_features(backbone, segment, images, labels.shape[-2:], precision, flip=True)
