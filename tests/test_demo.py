@@ -1,0 +1,40 @@
+"""The demo's code path learns: after Hungarian matching its mIoU is far above a random assignment's."""
+import json
+
+import pytest
+import torch
+
+from loader import build_dataset
+from modules.metrics import MatchedMetrics
+from steps import run_step, step_args
+from utils.demo import prepare
+
+
+def chance_levels(data_dir, resolution, n_classes, seed=0):
+    """(mIoU of uniformly random cluster ids matched the same way, pixel share of the commonest class)."""
+    generator = torch.Generator().manual_seed(seed)
+    metrics = MatchedMetrics(n_classes)
+    counts = torch.zeros(n_classes)
+    for item in build_dataset("cocostuff27", data_dir, "val", resolution):
+        label = item["label"]
+        metrics.update(torch.randint(0, n_classes, label.shape, generator=generator), label)
+        counts += torch.bincount(label[label >= 0], minlength=n_classes)
+    return metrics.compute()["mIoU"], 100 * (counts.max() / counts.sum()).item()
+
+
+@pytest.mark.parametrize("head", ["tr", "mlp"])
+def test_demo_pipeline_beats_a_random_assignment_by_far(tmp_path, head):
+    data_dir, ckpt, _ = prepare(tmp_path, n_train=12, n_val=6, image_size=128, seed=0)
+    args = step_args(data_dir, ckpt, tmp_path, resolution=96, codebook=32, projection=64)
+    run_step("crop", None, args)
+    run_step("mediator", None, args)
+    run_step("front_door", head, args)
+    run_step("fine_tune", head, [*args, "--epochs", "3"])
+    run_step("test", head, args)
+    metrics = json.loads((tmp_path / "results/cocostuff27" / head.upper() / "dino_vit_tiny_8/32/metrics.json").read_text())
+    chance_miou, majority = chance_levels(data_dir, 96, 27)
+    print(f"demo: CRF mIoU {metrics['crf']['mIoU']:.1f} pAcc {metrics['crf']['pAcc']:.1f}; random assignment "
+          f"mIoU {chance_miou:.1f}; commonest class {majority:.1f}% of pixels")
+    for variant in ("crf", "no_crf"):
+        assert metrics[variant]["mIoU"] > max(10 * chance_miou, 15)
+        assert metrics[variant]["pAcc"] > majority + 20, "better than labelling everything as the commonest class"
