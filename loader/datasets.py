@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
@@ -339,6 +340,30 @@ def check_layout(name, data_dir, split):
         _crop_files(info, data_dir)
     else:
         _source_files(info, data_dir, split)
+
+
+class _Readable(Dataset):
+    """Reads each pair of a LabelledImages and returns nothing: reading is the check."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        self.source.read(index)
+        return 0
+
+
+def verify_readable(name, data_dir, split, num_workers=0, progress=True):
+    """Decode every image and label of the uncropped `split` before a run starts, so a corrupt
+    file or a label outside the class range stops it at once, naming the file (the error of
+    LabelledImages.read), instead of hours into training."""
+    source = build_source_dataset(name, data_dir, split)
+    loader = DataLoader(_Readable(source), batch_size=16, num_workers=num_workers)
+    for _ in tqdm(loader, desc=f"[check] reading {name} {split}", disable=not progress, leave=False):
+        pass
 
 
 def build_source_dataset(name, data_dir, split):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import load_golden
+from steps import make_tiny_setup, run_step, step_args
 from modules.heads import SegmentModule
 from modules.probe import ClusterModule
 from utils.artifacts import ArtifactError, load_modular, load_state_strict
@@ -102,3 +103,20 @@ def test_truncated_or_missing_files_are_explained(tmp_path):
     np.save(tmp_path / "modular.npy", np.zeros((11, 48), np.float32))
     with pytest.raises(ArtifactError, match=r"expected \(11, 32\)"):
         load_modular(tmp_path / "modular.npy", 11, 32)
+
+
+def test_a_test_run_given_the_other_heads_file_stops_and_writes_nothing(tmp_path, capsys):
+    data_dir, ckpt = make_tiny_setup(tmp_path, n_train=1, n_val=1)
+    args = step_args(data_dir, ckpt, tmp_path)
+    head_dir = tmp_path / "CAUSE/cocostuff27/dino_vit_tiny_8/16"
+    mediator_dir = tmp_path / "CAUSE/cocostuff27/modularity/dino_vit_tiny_8/16"
+    for folder in (head_dir, mediator_dir):
+        folder.mkdir(parents=True)
+    np.save(mediator_dir / "modular.npy", np.zeros((16, 192), np.float32))
+    torch.save(SegmentModule("mlp", 192, 90, 24, 27).state_dict(), head_dir / "segment_tr.pth")
+    torch.save(ClusterModule(16, 192, 90, 27).state_dict(), head_dir / "cluster_tr.pth")
+    with pytest.raises(SystemExit) as stopped:
+        run_step("test", "tr", args)
+    assert stopped.value.code == 2
+    assert "holds a MLP head but this is a TR run" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

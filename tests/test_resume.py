@@ -3,10 +3,13 @@ import shutil
 import socket
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
 import utils.front_door
+from datagen import write_cityscapes
+from loader import write_cropped_dataset
 from steps import make_tiny_setup, run_step, step_args
 from utils import front_door, mediator
 from utils.config import parse_config
@@ -111,7 +114,8 @@ def _busy_port():
 
 @pytest.mark.parametrize("case", ["no_data_dir", "empty_data_dir", "missing_list", "absent_images", "unknown_arch",
                                   "missing_checkpoint", "missing_mediator", "absent_gpus", "busy_port",
-                                  "missing_crops"])
+                                  "missing_crops", "corrupt_image", "label_out_of_range",
+                                  "unknown_dataset"])
 def test_bad_input_stops_before_any_work_with_a_clear_message(setup, tmp_path, capsys, case):
     data_dir, ckpt = setup
     step, head, expected = "mediator", None, None
@@ -120,7 +124,18 @@ def test_bad_input_stops_before_any_work_with_a_clear_message(setup, tmp_path, c
     elif case == "empty_data_dir":
         (tmp_path / "empty").mkdir()
         data_dir, expected = tmp_path / "empty", "is empty"
-    elif case in ("missing_list", "absent_images", "missing_crops"):
+    elif case == "label_out_of_range":
+        # COCO fine ids always map into range (unmapped ids become class 0, as officially);
+        # a Cityscapes labelId above 33 does not.
+        data_dir, step, head = tmp_path / "cityscapes_data", "front_door", "tr"
+        write_cityscapes(data_dir)
+        write_cropped_dataset("cityscapes", data_dir, progress=False)
+        victim = sorted((data_dir / "cityscapes/gtFine/val").rglob("*_labelIds.png"))[-1]
+        label = np.array(Image.open(victim))
+        label[0, 0] = 40
+        Image.fromarray(label).save(victim)
+        expected = f"label file {victim} holds value(s) [40]"
+    elif case in ("missing_list", "absent_images", "missing_crops", "corrupt_image"):
         copy = tmp_path / "data"
         shutil.copytree(data_dir, copy)
         data_dir, step, head = copy, "front_door", "tr"
@@ -131,11 +146,17 @@ def test_bad_input_stops_before_any_work_with_a_clear_message(setup, tmp_path, c
             victim = sorted((copy / "cocostuff/images/val2017").glob("*.jpg"))[0]
             victim.unlink()
             expected = victim.name
-        else:
+        elif case == "missing_crops":
             shutil.rmtree(copy / "cocostuff/cropped")
             expected = "python crop_dataset.py --dataset cocostuff27"
-    extra = []
-    if case == "unknown_arch":
+        else:
+            victim = sorted((copy / "cocostuff/images/val2017").glob("*.jpg"))[-1]
+            victim.write_bytes(victim.read_bytes()[:200])
+            expected = f"cannot read image file {victim}"
+    extra = ["--dataset", "cityscapes"] if case == "label_out_of_range" else []
+    if case == "unknown_dataset":
+        extra, expected = ["--dataset", "cocostuff28"], "invalid choice: 'cocostuff28'"
+    elif case == "unknown_arch":
         ckpt, expected = tmp_path / "my_backbone.pth", "--arch"
     elif case == "missing_checkpoint":
         ckpt, expected = tmp_path / "dino_vit_base_8.pth", "does not exist"

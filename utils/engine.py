@@ -17,7 +17,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from loader import DATASETS, build_dataset, build_loader, check_layout
+from loader import DATASETS, build_dataset, build_loader, check_layout, verify_readable
 from models import load_backbone
 from utils.distributed import Dist, all_reduce_gradients, barrier, launch
 from utils.io import save_torch
@@ -79,8 +79,12 @@ def _describe_outputs(cfg, paths):
 
 
 def check_data(cfg, splits):
+    """Stop before any work if the data cannot be read: layout for every split, and every val file
+    decoded (the train crops are this project's own output, their sources checked when cropping)."""
     for split in splits:
         check_layout(cfg.dataset, cfg.data_dir, split)
+    if "val" in splits:
+        verify_readable(cfg.dataset, cfg.data_dir, "val", num_workers=cfg.num_workers)
 
 
 def seed_everything(seed, rank):
