@@ -147,11 +147,14 @@ def batches(ctx, loader, epoch, desc):
     bar.close()
 
 
-def check_finite(loss, ctx, epoch, batch_index, last_good):
+def check_finite(loss, ctx, epoch, batch_index):
+    """The loss as a float; a NaN or infinite one stops the run before it touches any weight."""
     value = loss.item()
     if not math.isfinite(value):
-        raise NonFiniteLossError(f"[{ctx.cfg.step}] loss is {value} at epoch {epoch + 1}, batch {batch_index}; "
-                                 f"stopping. The last good state is {last_good}.")
+        raise NonFiniteLossError(
+            f"[{ctx.cfg.step}] loss is {value} at epoch {epoch + 1}, batch {batch_index}; stopping. "
+            f"The artifacts and resume state of the last finished epoch are untouched "
+            f"({ctx.paths.resume_state(ctx.cfg.step)}); lower --lr or check the data before resuming.")
     return value
 
 

@@ -99,7 +99,7 @@ def train(ctx):
                 loss_modularity, loss_probe, correct, counted = fine_tune_losses(
                     segment, cluster, tokens, batch["label"], cfg.n_classes, cfg.grid)
                 loss = loss_modularity + loss_probe
-            value = check_finite(loss, ctx, epoch, index, ctx.paths.cluster if epoch else "none (first epoch)")
+            value = check_finite(loss, ctx, epoch, index)
             optimizer_step(loss, optimizers, precision, trained, clip)
             accuracy = (correct / counted.clamp(min=1)).item()
             bar.set_postfix(loss=f"{value:.3f}", modularity=f"{-loss_modularity.item():.4f}", probe_acc=f"{100 * accuracy:.1f}%")
@@ -114,12 +114,18 @@ def train(ctx):
         resume.save(epoch, segment=segment.state_dict(), cluster=cluster.state_dict(),
                     optimizers=[o.state_dict() for o in optimizers], schedulers=[s.state_dict() for s in schedulers],
                     scaler=precision.scaler.state_dict())
-        if ctx.dist.is_main:
-            save_torch(segment.state_dict(), ctx.paths.segment)
-            save_torch(cluster.state_dict(), ctx.paths.cluster)
+        save_segment_and_cluster(ctx, segment, cluster)
+    if start == cfg.epochs:  # killed after the last resume state, before its artifacts
+        save_segment_and_cluster(ctx, segment, cluster)
     resume.finish()
     logger.close()
     return str(ctx.paths.cluster)
+
+
+def save_segment_and_cluster(ctx, segment, cluster):
+    if ctx.dist.is_main:
+        save_torch(segment.state_dict(), ctx.paths.segment)
+        save_torch(cluster.state_dict(), ctx.paths.cluster)
 
 
 @torch.no_grad()

@@ -98,7 +98,7 @@ def train(ctx):
                 loss_probe, correct, counted = labelled_cross_entropy(segment.linear(probe_features), batch["label"],
                                                                       cfg.n_classes)
                 loss = loss_front + loss_probe
-            value = check_finite(loss, ctx, epoch, index, ctx.paths.segment if epoch else "none (first epoch)")
+            value = check_finite(loss, ctx, epoch, index)
             optimizer_step(loss, [optimizer], precision, trained, clip)
             segment.update_ema()
             bank.update(prototype.flatten(), teacher_proj.detach().flatten(0, 1).float())
@@ -113,11 +113,17 @@ def train(ctx):
                   f"(uses labels; diagnostic only) {100 * accuracy:.1f}%")
         resume.save(epoch, segment=segment.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=precision.scaler.state_dict(), bank=_gather_banks(ctx, bank))
-        if ctx.dist.is_main:
-            save_torch(segment.state_dict(), ctx.paths.segment)
+        save_segment(ctx, segment)
+    if start == cfg.epochs:  # killed after the last resume state, before its artifact
+        save_segment(ctx, segment)
     resume.finish()
     logger.close()
     return str(ctx.paths.segment)
+
+
+def save_segment(ctx, segment):
+    if ctx.dist.is_main:
+        save_torch(segment.state_dict(), ctx.paths.segment)
 
 
 def _gather_banks(ctx, bank):

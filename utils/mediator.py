@@ -25,6 +25,11 @@ def is_complete(cfg, paths):
         return False
 
 
+def save_clusterbook(ctx, codebook):
+    if ctx.dist.is_main:
+        save_numpy(codebook.detach().float().cpu().numpy().astype(np.float32), ctx.paths.modular)
+
+
 def new_clusterbook(num_codebook, dim, device):
     """SPEC §3: 2048 prototypes drawn from uniform(-1/2048, 1/2048)."""
     return torch.empty(num_codebook, dim, device=device).uniform_(-1 / num_codebook, 1 / num_codebook)
@@ -61,15 +66,16 @@ def train(ctx):
             if cfg.grid:
                 tokens, _ = grid_sample_tokens(tokens)
             loss = modularity_loss(codebook, tokens)
-            value = check_finite(loss, ctx, epoch, index, resume.path if start or epoch else "none (first epoch)")
+            value = check_finite(loss, ctx, epoch, index)
             optimizer_step(loss, [optimizer], precision, [codebook])
             bar.set_postfix(modularity=f"{-value:.4f}")
             logger.scalars({"mediator/modularity": -value})
         scheduler.step()
-        if ctx.dist.is_main:
-            save_numpy(codebook.detach().float().cpu().numpy().astype(np.float32), ctx.paths.modular)
         resume.save(epoch, codebook=codebook.detach().cpu(), optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), scaler=precision.scaler.state_dict())
+        save_clusterbook(ctx, codebook)
+    if start == cfg.epochs:  # killed after the last resume state, before its artifact
+        save_clusterbook(ctx, codebook)
     resume.finish()
     logger.close()
     if ctx.dist.is_main:
