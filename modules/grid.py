@@ -42,8 +42,10 @@ def grid_sample_tokens(x, order=None, window=4, generator=None):
     side = math.isqrt(p)
     if side * side != p:
         raise ValueError(f"{p} tokens do not form a square grid")
-    if side % window:
-        raise ValueError(f"grid side {side} is not divisible by the window {window}")
+    if side < window:
+        raise ValueError(f"grid side {side} is smaller than the window {window}")
+    # A side that is not a multiple of the window (e.g. 14 tokens: ViT-/16 at 224 px, the MLP
+    # head's training size) leaves its last rows and columns out, as the official unfold does.
     cells_per_side = side // window
     cells = cells_per_side * cells_per_side
     if order is None:

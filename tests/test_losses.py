@@ -115,9 +115,9 @@ def test_grid_sampling_other_windows_and_errors():
     out, order = grid_sample_tokens(x, window=2, generator=gen)
     assert out.shape == (2, 9, 4) and order.max() <= 3
     torch.testing.assert_close(out, loop_grid_sampling(x, order, 2), rtol=0, atol=0)
-    with pytest.raises(ValueError):
-        grid_sample_tokens(x, window=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="smaller than the window"):
+        grid_sample_tokens(x, window=8)
+    with pytest.raises(ValueError, match="square"):
         grid_sample_tokens(torch.randn(1, 20, 4))
 
 
@@ -169,3 +169,15 @@ def test_contrastive_is_float32_under_autocast(golden):
         mixed = contrastive_loss(case["feat"], case["proj_feat"], case["proj_feat_ema"], case["codebook"], bank)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, case["loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_grid_sampling_drops_the_remainder_of_a_grid_not_divisible_by_the_window():
+    # ViT-/16 at 224 px (the MLP head's training size) gives a 14×14 grid: 3×3 cells, as unfold makes.
+    side = 14
+    tokens = torch.arange(side * side, dtype=torch.float32).reshape(1, side * side, 1)
+    order = torch.arange(9) % 16
+    out, _ = grid_sample_tokens(tokens, order)
+    windows = tokens.reshape(1, side, side).unfold(1, 4, 4).unfold(2, 4, 4).reshape(1, 9, 16)
+    expected = windows[0, torch.arange(9), order]
+    assert torch.equal(out.flatten(), expected)
+    assert out.max() < 12 * side, "nothing from the last two rows"
