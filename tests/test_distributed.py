@@ -1,15 +1,19 @@
 """Two-process gloo training: gradients are really averaged, so both ranks hold the same weights."""
 import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+from conftest import ROOT
 from modules.heads import SegmentModule
 from modules.losses import contrastive_loss
 from modules.quantize import quantize_index
 from utils.distributed import broadcast_parameters, launch
 from utils.engine import Precision, labelled_cross_entropy, optimizer_step
+from steps import make_tiny_setup, step_args
 from utils.front_door import student_teacher_tokens
 
 
@@ -58,3 +62,15 @@ def test_two_process_gloo_step_keeps_ranks_identical():
     assert not torch.allclose(ranks[0]["local_grads"], ranks[1]["local_grads"]), "ranks saw different data"
     assert not torch.equal(ranks[0]["weights"], ranks[0]["before"]), "the step must change the weights"
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+
+
+def test_a_step_runs_under_torchrun(tmp_path):
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) drives the same code (gloo on CPU)."""
+    data_dir, ckpt = make_tiny_setup(tmp_path, n_train=2, n_val=1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "train_mediator.py", *step_args(data_dir, ckpt, tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    modular = tmp_path / "CAUSE/cocostuff27/modularity/dino_vit_tiny_8/16/modular.npy"
+    assert modular.is_file()
+    assert done.stdout.count("clusterbook saved") == 1, "only rank 0 writes and reports"
