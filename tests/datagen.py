@@ -8,6 +8,8 @@ another. Sizes are (height, width); the default 40×56 is not square on purpose.
 import numpy as np
 from PIL import Image
 
+from loader import DATASETS, write_cropped_dataset
+
 LANDSCAPE = (40, 56)
 PORTRAIT = (56, 40)
 
@@ -139,3 +141,11 @@ def write_all(data_dir, seed=0):
     """All three layouts under one data_dir (the five data sets read from them)."""
     return {"cocostuff": write_cocostuff(data_dir, seed), "cityscapes": write_cityscapes(data_dir, seed),
             "pascalvoc": write_pascalvoc(data_dir, seed)}
+
+
+def write_all_cropped(data_dir, seed=0):
+    """write_all, then the cropped training set of every data set; returns data_dir."""
+    write_all(data_dir, seed)
+    for name in DATASETS:
+        write_cropped_dataset(name, data_dir, progress=False)
+    return data_dir

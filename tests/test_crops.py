@@ -34,11 +34,7 @@ def crop_shapes(folder, indices):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    datagen.write_all(root)
-    for name in DATASETS:
-        write_cropped_dataset(name, root, progress=False)
-    return root
+    return datagen.write_all_cropped(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("name", list(DATASETS))

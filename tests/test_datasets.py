@@ -60,11 +60,7 @@ def read(path):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    datagen.write_all(root)
-    for name in DATASETS:
-        write_cropped_dataset(name, root, progress=False)
-    return root
+    return datagen.write_all_cropped(tmp_path_factory.mktemp("data"))
 
 
 def test_label_maps_in_repo_are_the_golden_ones():
