@@ -6,6 +6,7 @@ from PIL import Image
 import datagen
 from loader import DATASETS, build_dataset, build_source_dataset, write_cropped_dataset
 from loader.synthetic import PLANTED_FINE_IDS, make_synthetic_cocostuff
+from utils.cli import main
 
 # cocostuff27 classes of the synthetic set's planted fine ids, from the official map.
 PLANTED_CLASSES_27 = {0: 9, 2: 11, 16: 7, 105: 23, 124: 21, 147: 26, 43: 5, 61: 3}
@@ -118,3 +119,11 @@ def test_synthetic_cocostuff_is_deterministic(tmp_path):
     with pytest.raises(FileExistsError):
         make_synthetic_cocostuff(tmp_path / "a")
 
+
+
+def test_the_crop_step_skips_when_stego_crops_exist(tmp_path, capsys):
+    legacy = tmp_path / "cocostuff27/cropped/cocostuff27_five_crop_0.5/img/train"
+    legacy.mkdir(parents=True)
+    main("crop", None, ["--dataset", "cocostuff27", "--data_dir", str(tmp_path)])
+    assert "skipping" in capsys.readouterr().out
+    assert not (tmp_path / "cocostuff").exists(), "nothing is cropped again"

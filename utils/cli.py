@@ -16,10 +16,12 @@ USER_ERRORS = (FileNotFoundError, ValueError, LaunchError, NonFiniteLossError)
 
 def run_crop(cfg):
     from loader import DATASETS, write_cropped_dataset
-    target = cfg.data_dir / DATASETS[cfg.dataset].crop_dir
-    if target.is_dir() and not cfg.restart:
-        print(f"[crop] {target} exists (crop sets are renamed into place only when complete); skipping")
-        return target
+    info = DATASETS[cfg.dataset]
+    # Crop sets are renamed into place only when complete; STEGO's own folder is read by training too.
+    existing = [cfg.data_dir / d for d in (info.crop_dir, info.legacy_crop_dir) if d and (cfg.data_dir / d).is_dir()]
+    if existing and not cfg.restart:
+        print(f"[crop] {existing[0]} exists; skipping")
+        return existing[0]
     return write_cropped_dataset(cfg.dataset, cfg.data_dir, num_workers=cfg.num_workers)
 
 
