@@ -28,7 +28,8 @@ def load_modular(path, num_codebook, dim):
     try:
         codebook = np.load(path)
     except (ValueError, OSError, EOFError) as err:
-        raise ArtifactError(f"{path} is not a readable .npy file ({err}); delete it and rerun train_mediator.py") from err
+        raise ArtifactError(f"{path} is not a readable .npy file ({err}); "
+                            f"delete it and rerun train_mediator.py") from err
     if codebook.shape != (num_codebook, dim):
         raise ArtifactError(
             f"{path} holds a clusterbook of shape {tuple(codebook.shape)}, expected ({num_codebook}, {dim}): "

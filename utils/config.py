@@ -79,16 +79,19 @@ def build_parser(step, head=None):
                    help="folder holding cocostuff/, cityscapes/, pascalvoc/ (SPEC §2 layouts)")
     g.add_argument("--ckpt", type=Path, default=Path("checkpoint/dino_vit_base_8.pth"),
                    help="backbone release file; its name gives the arch unless --arch is given")
-    g.add_argument("--arch", default=None, choices=sorted(ARCHS), help="arch of --ckpt when its file name is not <arch>.pth")
+    g.add_argument("--arch", default=None, choices=sorted(ARCHS),
+                   help="arch of --ckpt when its file name is not <arch>.pth")
     g.add_argument("--dino_small_heads", type=int, default=12, choices=(6, 12),
-                   help="attention heads of DINO ViT-S: 12 as the official CAUSE code and its released heads, 6 as DINO defines it")
+                   help="attention heads of DINO ViT-S: 12 as the official CAUSE code and its released heads, "
+                        "6 as DINO defines it")
     g = p.add_argument_group("artifacts")
     g.add_argument("--output_root", type=Path, default=Path("CAUSE"))
     g.add_argument("--results_root", type=Path, default=Path("results"))
     g.add_argument("--logs_root", type=Path, default=Path("logs"))
     g.add_argument("--restart", action="store_true", help="ignore a saved resume state and start the step over")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None, help="default: 1 mediator, 2 front door, fine-tune 5 (TR) / 1 (MLP)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="default: 1 mediator, 2 front door, fine-tune 5 (TR) / 1 (MLP)")
     g.add_argument("--batch_size", type=int, default=16, help="per process")
     g.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     g.add_argument("--train_resolution", type=int, default=None,
@@ -107,7 +110,8 @@ def build_parser(step, head=None):
                    help="fine-tuning: let the labelled probe's loss train head_ema as the official code does "
                         "(uses ground-truth labels; only for comparing with the paper)")
     g = p.add_argument_group("processes")
-    g.add_argument("--gpu", default=None, help="GPUs to use, e.g. 0,1,2,3 (one process each); default: all visible, or CPU")
+    g.add_argument("--gpu", default=None,
+                   help="GPUs to use, e.g. 0,1,2,3 (one process each); default: all visible, or CPU")
     g.add_argument("--nproc", type=int, default=1, help="CPU processes (gloo) when no GPU is used")
     g.add_argument("--port", type=int, default=12355, help="rendezvous port of a --gpu/--nproc spawn")
     g = p.add_argument_group("evaluation")

@@ -98,9 +98,8 @@ def evaluate(ctx):
             _, correct, counted = labelled_cross_entropy(segment.linear(segment.head_ema(tokens.float())), labels,
                                                          cfg.n_classes)
             probe += torch.stack([correct, counted]).float()
-            for i in range(len(images)):
-                if len(pictures) < cfg.num_pictures:
-                    pictures.append((int(batch["ind"][i]), images[i].cpu(), labels[i].cpu(), raw[i].cpu(), crf[i].cpu()))
+            for i in range(min(len(images), cfg.num_pictures - len(pictures))):
+                pictures.append((int(batch["ind"][i]), images[i].cpu(), labels[i].cpu(), raw[i].cpu(), crf[i].cpu()))
             bar.set_postfix(crf_mIoU=f"{crf_metrics.compute()['mIoU']:.1f}")
 
     results = {
@@ -116,6 +115,7 @@ def evaluate(ctx):
     print(f"[test {cfg.head.upper()}] {cfg.dataset}: without CRF mIoU {results['no_crf']['mIoU']:.1f} "
           f"pAcc {results['no_crf']['pAcc']:.1f}; linear probe (uses labels) pixel accuracy "
           f"{results['linear_probe_pixel_accuracy_uses_labels']:.1f}")
-    print(f"[test {cfg.head.upper()}] metrics: {ctx.paths.metrics}; pictures of {len(pictures)} images: {ctx.paths.results}")
+    print(f"[test {cfg.head.upper()}] metrics: {ctx.paths.metrics}; "
+          f"pictures of {len(pictures)} images: {ctx.paths.results}")
     print(f"mIoU: {results['crf']['mIoU']:.1f} pAcc: {results['crf']['pAcc']:.1f}")
     return results

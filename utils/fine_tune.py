@@ -93,7 +93,8 @@ def train(ctx):
     trained = segment_trained + [cluster.cluster_probe]
     for epoch in range(start, cfg.epochs):
         segment.train()
-        for index, bar, batch in batches(ctx, loader, epoch, f"[fine-tune {cfg.head.upper()}] epoch {epoch + 1}/{cfg.epochs}"):
+        desc = f"[fine-tune {cfg.head.upper()}] epoch {epoch + 1}/{cfg.epochs}"
+        for index, bar, batch in batches(ctx, loader, epoch, desc):
             with precision.autocast():
                 tokens = backbone_tokens(backbone, batch["img"])
                 loss_modularity, loss_probe, correct, counted = fine_tune_losses(
@@ -102,7 +103,8 @@ def train(ctx):
             value = check_finite(loss, ctx, epoch, index)
             optimizer_step(loss, optimizers, precision, trained, clip)
             accuracy = (correct / counted.clamp(min=1)).item()
-            bar.set_postfix(loss=f"{value:.3f}", modularity=f"{-loss_modularity.item():.4f}", probe_acc=f"{100 * accuracy:.1f}%")
+            bar.set_postfix(loss=f"{value:.3f}", modularity=f"{-loss_modularity.item():.4f}",
+                            probe_acc=f"{100 * accuracy:.1f}%")
             logger.scalars({"fine_tune/loss": value, "fine_tune/modularity": -loss_modularity.item(),
                             "fine_tune/probe_cross_entropy": loss_probe.item(), "fine_tune/probe_accuracy": accuracy})
         miou = cluster_miou(ctx, backbone, segment, cluster, validation, precision, epoch)

@@ -89,7 +89,8 @@ def train(ctx):
 
     for epoch in range(start, cfg.epochs):
         segment.train()
-        for index, bar, batch in batches(ctx, loader, epoch, f"[front door {cfg.head.upper()}] epoch {epoch + 1}/{cfg.epochs}"):
+        desc = f"[front door {cfg.head.upper()}] epoch {epoch + 1}/{cfg.epochs}"
+        for index, bar, batch in batches(ctx, loader, epoch, desc):
             with precision.autocast():
                 tokens = backbone_tokens(backbone, batch["img"])
                 sampled, student_proj, teacher_proj, probe_features = student_teacher_tokens(segment, tokens, cfg.grid)
@@ -103,7 +104,8 @@ def train(ctx):
             segment.update_ema()
             bank.update(prototype.flatten(), teacher_proj.detach().flatten(0, 1).float())
             accuracy = (correct / counted.clamp(min=1)).item()
-            bar.set_postfix(loss=f"{value:.3f}", contrastive=f"{loss_front.item():.3f}", probe_acc=f"{100 * accuracy:.1f}%")
+            bar.set_postfix(loss=f"{value:.3f}", contrastive=f"{loss_front.item():.3f}",
+                            probe_acc=f"{100 * accuracy:.1f}%")
             logger.scalars({"front_door/loss": value, "front_door/contrastive": loss_front.item(),
                             "front_door/probe_cross_entropy": loss_probe.item(), "front_door/probe_accuracy": accuracy})
         accuracy = probe_accuracy(ctx, backbone, segment, validation, precision, epoch)
