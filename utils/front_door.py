@@ -66,7 +66,7 @@ def train(ctx):
     segment = build_segment(cfg, codebook, ctx.device)
     broadcast_parameters(segment)
     segment.init_ema()
-    trained = [p for p in segment.parameters() if p.requires_grad]
+    trained = list(segment.student_parameters())  # the EMA teacher never receives gradients
     info = ctx.dataset_info
     optimizer = torch.optim.Adam(trained, lr=cfg.lr * ctx.dist.world_size, weight_decay=info.weight_decay)
     clip = (trained, info.front_door_clip[cfg.head])
