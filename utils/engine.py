@@ -217,15 +217,24 @@ class ResumeState:
     def __init__(self, ctx):
         self.path = ctx.paths.resume_state(ctx.cfg.step)
         self.ctx = ctx
+        self.first_epoch = 0  # the epoch the run starts at: 0, or the one after the saved state's
 
     def load(self):
-        """The saved state, or None when starting fresh (no state, or --restart)."""
+        """The saved state (its random-number states already restored, `first_epoch` set), or None
+        when starting fresh (no state, or --restart). Call it once the modules are built: building
+        them draws random numbers, which must not shift the restored streams."""
         if self.ctx.cfg.restart or not self.path.is_file():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=False)
         if self.ctx.dist.is_main:
             print(f"[{self.ctx.cfg.step}] resuming after epoch {state['epoch'] + 1} from {self.path}")
+        self.restore_rng(state)
+        self.first_epoch = state["epoch"] + 1
         return state
+
+    def nothing_left(self):
+        """True when the saved state is of the last epoch: killed after it, before the artifacts."""
+        return self.first_epoch == self.ctx.cfg.epochs
 
     def save(self, epoch, **states):
         """Save after `epoch` finished. Every process's RNG state is gathered so a resumed run continues exactly."""

@@ -79,7 +79,6 @@ def train(ctx):
     logger = Logger(ctx)
     resume = ResumeState(ctx)
 
-    start = 0
     state = resume.load()
     if state is not None:
         segment.load_state_dict(state["segment"])
@@ -87,11 +86,9 @@ def train(ctx):
         for holder, saved in zip(optimizers + schedulers, state["optimizers"] + state["schedulers"]):
             holder.load_state_dict(saved)
         precision.scaler.load_state_dict(state["scaler"])
-        resume.restore_rng(state)
-        start = state["epoch"] + 1
 
     trained = segment_trained + [cluster.cluster_probe]
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(resume.first_epoch, cfg.epochs):
         segment.train()
         desc = f"[fine-tune {cfg.head.upper()}] epoch {epoch + 1}/{cfg.epochs}"
         for index, bar, batch in batches(ctx, loader, epoch, desc):
@@ -117,7 +114,7 @@ def train(ctx):
                     optimizers=[o.state_dict() for o in optimizers], schedulers=[s.state_dict() for s in schedulers],
                     scaler=precision.scaler.state_dict())
         save_segment_and_cluster(ctx, segment, cluster)
-    if start == cfg.epochs:  # killed after the last resume state, before its artifacts
+    if resume.nothing_left():
         save_segment_and_cluster(ctx, segment, cluster)
     resume.finish()
     logger.close()

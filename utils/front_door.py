@@ -64,8 +64,7 @@ def train(ctx):
     backbone = make_backbone(ctx)
     codebook = load_modular(ctx.paths.modular, cfg.num_codebook, cfg.dim).to(ctx.device)
     segment = build_segment(cfg, codebook, ctx.device)
-    broadcast_parameters(segment)
-    segment.init_ema()
+    broadcast_parameters(segment)  # the EMA heads, already copies of the students, come along
     trained = list(segment.student_parameters())  # the EMA teacher never receives gradients
     info = ctx.dataset_info
     optimizer = torch.optim.Adam(trained, lr=cfg.lr * ctx.dist.world_size, weight_decay=info.weight_decay)
@@ -77,17 +76,14 @@ def train(ctx):
     logger = Logger(ctx)
     resume = ResumeState(ctx)
 
-    start = 0
     state = resume.load()
     if state is not None:
         segment.load_state_dict(state["segment"])
         optimizer.load_state_dict(state["optimizer"])
         precision.scaler.load_state_dict(state["scaler"])
         bank.load_state_dict(state["bank"][ctx.dist.rank])
-        resume.restore_rng(state)
-        start = state["epoch"] + 1
 
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(resume.first_epoch, cfg.epochs):
         segment.train()
         desc = f"[front door {cfg.head.upper()}] epoch {epoch + 1}/{cfg.epochs}"
         for index, bar, batch in batches(ctx, loader, epoch, desc):
@@ -116,7 +112,7 @@ def train(ctx):
         resume.save(epoch, segment=segment.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=precision.scaler.state_dict(), bank=_gather_banks(ctx, bank))
         save_segment(ctx, segment)
-    if start == cfg.epochs:  # killed after the last resume state, before its artifact
+    if resume.nothing_left():
         save_segment(ctx, segment)
     resume.finish()
     logger.close()

@@ -49,17 +49,14 @@ def train(ctx):
     logger = Logger(ctx)
     resume = ResumeState(ctx)
 
-    start = 0
     state = resume.load()
     if state is not None:
         codebook.data.copy_(state["codebook"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         precision.scaler.load_state_dict(state["scaler"])
-        resume.restore_rng(state)
-        start = state["epoch"] + 1
 
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(resume.first_epoch, cfg.epochs):
         for index, bar, batch in batches(ctx, loader, epoch, f"[mediator] epoch {epoch + 1}/{cfg.epochs}"):
             with precision.autocast():
                 tokens = backbone_tokens(backbone, batch["img"])
@@ -74,7 +71,7 @@ def train(ctx):
         resume.save(epoch, codebook=codebook.detach().cpu(), optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), scaler=precision.scaler.state_dict())
         save_clusterbook(ctx, codebook)
-    if start == cfg.epochs:  # killed after the last resume state, before its artifact
+    if resume.nothing_left():
         save_clusterbook(ctx, codebook)
     resume.finish()
     logger.close()
