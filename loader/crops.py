@@ -14,6 +14,7 @@ Crops are numbered from 0 over the whole set in dataset order and stored as
 import io
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def crop_pair(image, label, crop_type):
     pairs = []
     for ratio, crop in CROP_SCHEDULES[crop_type]:
         size = [int(height * ratio), int(width * ratio)]  # the official rounding: truncation
-        for image_crop, label_crop in zip(crop(image_t, size), crop(label_t, size)):
+        for image_crop, label_crop in zip(crop(image_t, size), crop(label_t, size), strict=True):
             pairs.append((image_crop.permute(1, 2, 0).numpy(), label_crop.numpy()))
     return pairs
 
@@ -67,10 +68,42 @@ class EncodedCrops(Dataset):
                 for image_crop, label_crop in crop_pair(np.asarray(image), label, self.crop_type)]
 
 
+def _work_dir(target, kind, pid=None):
+    """Hidden sibling of `target` owned by one process: .NAME.KIND-HOST-PID."""
+    return target.with_name(f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid() if pid is None else pid}")
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_abandoned_work_dirs(target):
+    """Delete the staging folders of crop runs on this host that were killed before cleaning up.
+
+    Folders of other hosts (a data folder shared over the network) are left alone: whether
+    their process still runs cannot be told from here.
+    """
+    host = socket.gethostname()
+    removed = []
+    for kind in ("partial", "old"):
+        for path in target.parent.glob(f".{target.name}.{kind}-{host}-*"):
+            pid = path.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
 def _replace_dir(staging, target):
     """Rename the finished `staging` folder to `target`, replacing an older crop set there."""
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = _work_dir(target, "old")
         target.rename(old)
         staging.rename(target)
         shutil.rmtree(old)
@@ -88,7 +121,9 @@ def write_cropped_dataset(name, data_dir, num_workers=0, progress=True):
     data_dir = Path(data_dir)
     source = build_source_dataset(name, data_dir, "train")
     target = data_dir / info.crop_dir
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    for path in remove_abandoned_work_dirs(target):
+        print(f"[crop] removed {path}, left by a crop run that was killed")
+    staging = _work_dir(target, "partial")
     if staging.exists():
         shutil.rmtree(staging)
     image_dir, label_dir = staging / "img" / "train", staging / "label" / "train"

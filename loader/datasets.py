@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
 
 from loader.transforms import ResizePair, normalise
 
@@ -387,12 +387,37 @@ def build_dataset(name, data_dir, split, resolution):
     return SegmentationDataset(source, resolution, info.square_resize)
 
 
-def build_loader(dataset, batch_size, *, shuffle, rank=0, world_size=1, num_workers=0, seed=0, drop_last=False):
-    """A DataLoader reading this rank's share through a DistributedSampler (`loader.sampler`).
+class ShardSampler(torch.utils.data.Sampler):
+    """Every index once, rank r reading r, r + W, r + 2W, ...: no padding, no shuffling.
 
-    Also with one process: the sampler's order depends only on (seed, epoch) once the caller
-    `set_epoch`s it, so a run resumed after an epoch reads the batches an uninterrupted run would.
+    For evaluation, where DistributedSampler's padding to a multiple of W would count a few
+    images twice. Ranks may then run different numbers of batches, so evaluation loops must
+    not reduce across ranks until they have finished.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+
+    def __init__(self, dataset, rank=0, world_size=1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size} processes")
+        self.length, self.rank, self.world_size = len(dataset), rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self):
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def build_loader(dataset, batch_size, *, shuffle, rank=0, world_size=1, num_workers=0, seed=0, drop_last=False):
+    """A DataLoader reading this rank's share (`loader.sampler`).
+
+    Training (shuffle=True) draws through a DistributedSampler, also with one process: its order
+    depends only on (seed, epoch) once the caller `set_epoch`s it, so a run resumed after an epoch
+    reads the batches an uninterrupted run would. Evaluation (shuffle=False) reads every image
+    exactly once over all ranks (ShardSampler).
+    """
+    if shuffle:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = ShardSampler(dataset, rank, world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available())

@@ -119,11 +119,8 @@ def _check_fits(sd, backbone, path):
         f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items() if k in sd and sd[k].shape != v.shape
     ]
-    problems = [
-        _first(what, items)
-        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-        if items
-    ]
+    found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+    problems = [_first(what, items) for what, items in found if items]
     if problems:
         family = backbone.family
         raise CheckpointError(

@@ -55,7 +55,7 @@ def dense_crf(image, log_probs, max_iter=10):
 def dense_crf_batch(images, log_probs, max_iter=10, pool=None):
     """[B,3,H,W], [B,K,h,w] -> [B,K,H,W] on the images' device; the CRF itself runs on CPU,
     across `pool` (a multiprocessing pool) when one is given."""
-    inputs = [_crf_inputs(image, lp) for image, lp in zip(images, log_probs)]
+    inputs = [_crf_inputs(image, lp) for image, lp in zip(images, log_probs, strict=True)]
     job = partial(_crf_inference_job, max_iter=max_iter)
     outputs = pool.map(job, inputs) if pool is not None else [job(pair) for pair in inputs]
     return torch.from_numpy(np.stack(outputs)).to(images.device)

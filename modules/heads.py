@@ -149,14 +149,14 @@ class SegmentModule(nn.Module):
     def init_ema(self):
         """Make the teacher heads copies of the student heads; they never receive gradients."""
         for student, teacher in self._ema_pairs():
-            for s, t in zip(student.parameters(), teacher.parameters()):
+            for s, t in zip(student.parameters(), teacher.parameters(), strict=True):
                 t.copy_(s)
                 t.requires_grad_(False)
 
     @torch.no_grad()
     def update_ema(self, momentum=0.99):
         for student, teacher in self._ema_pairs():
-            for s, t in zip(student.parameters(), teacher.parameters()):
+            for s, t in zip(student.parameters(), teacher.parameters(), strict=True):
                 t.mul_(momentum).add_(s, alpha=1 - momentum)
 
     def student_parameters(self):

@@ -43,7 +43,7 @@ class MatchedMetrics:
             "mIoU": iou[defined].mean().item() * 100,
             "Acc": (tp.sum() / hist.sum()).item() * 100,
             "mAP": precision[~precision.isnan()].mean().item() * 100,
-            "per_class_iou": [value.item() * 100 if ok else None for value, ok in zip(iou, defined)],
+            "per_class_iou": [value.item() * 100 if ok else None for value, ok in zip(iou, defined, strict=True)],
             "assignment": assignment,
         }
 

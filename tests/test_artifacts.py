@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import load_golden
 from steps import make_tiny_setup, run_step, step_args
+
 from modules.heads import SegmentModule
 from modules.probe import ClusterModule
 from utils.artifacts import ArtifactError, load_modular, load_state_strict
@@ -29,7 +29,7 @@ def test_artifact_paths_follow_the_official_layout():
     assert paths.cluster == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/cluster_tr.pth")
     assert paths.results == Path("results/cocostuff27/TR/dino_vit_base_8/2048")
     with pytest.raises(ValueError, match="head"):
-        ArtifactPaths("cocostuff27", "dino_vit_base_8", 2048).segment
+        _ = ArtifactPaths("cocostuff27", "dino_vit_base_8", 2048).segment
 
 
 @pytest.mark.parametrize("step,head,ckpt,train,test,queries", [
@@ -63,7 +63,8 @@ def test_checkpoint_named_otherwise_needs_arch():
 @pytest.mark.parametrize("head", ["mlp", "tr"])
 def test_released_files_load_strictly(tmp_path, head):
     segment = SegmentModule(head, 768, 90, 2048, 27, 1600 if head == "tr" else None)
-    load_state_strict(segment, released_file(tmp_path, f"segment_{head}", LAYOUT[f"segment_{head}"]), "segment module", "x")
+    released = released_file(tmp_path, f"segment_{head}", LAYOUT[f"segment_{head}"])
+    load_state_strict(segment, released, "segment module", "x")
     assert all(torch.all(v == 0.5) for v in segment.state_dict().values())
     cluster = ClusterModule(2048, 768, 90, 27)
     load_state_strict(cluster, released_file(tmp_path, "cluster", LAYOUT["cluster"]), "cluster probe", "x")

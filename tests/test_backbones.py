@@ -94,7 +94,8 @@ def test_renamed_key_refused(tmp_path, small_release):
 
 def test_shape_mismatch_refused(tmp_path, small_release):
     """A ViT-S/16 file named as ViT-S/8: same keys, other shapes."""
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(pos_embed: file \(1, 197, 384\) vs model \(1, 785, 384\)"):
+    mismatch = r"shape mismatches \(pos_embed: file \(1, 197, 384\) vs model \(1, 785, 384\)"
+    with pytest.raises(CheckpointError, match=mismatch):
         load_backbone(save(small_release, tmp_path / "dino_vit_small_8.pth"))
 
 
@@ -167,7 +168,8 @@ def test_mae_file_with_pickled_options(tmp_path):
 
 def test_dino_small_heads(tmp_path, small_release):
     path = save(small_release, tmp_path / f"{SMALL}.pth")
-    default, twelve, six = load_backbone(path), load_backbone(path, dino_small_heads=12), load_backbone(path, dino_small_heads=6)
+    default = load_backbone(path)
+    twelve, six = load_backbone(path, dino_small_heads=12), load_backbone(path, dino_small_heads=6)
     assert default.blocks[0].attn.num_heads == 12 and six.blocks[0].attn.num_heads == 6
     torch.testing.assert_close(tokens(default), GOLDEN[SMALL]["tokens"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tokens(twelve), tokens(default), rtol=0, atol=0)

@@ -6,14 +6,18 @@ import json
 
 import pytest
 import torch
-
 from conftest import load_golden
+
 from modules.bank import ConceptBank
 from modules.heads import SegmentModule
 from modules.losses import contrastive_loss, modularity_loss
 from utils import benchmark
-from utils.official_formulation import (OfficialBank, official_contrastive_loss, official_ema_update,
-                                        official_modularity_loss)
+from utils.official_formulation import (
+    OfficialBank,
+    official_contrastive_loss,
+    official_ema_update,
+    official_modularity_loss,
+)
 
 
 def value_and_grad(fn, leaf):
@@ -27,7 +31,8 @@ def value_and_grad(fn, leaf):
 def test_official_modularity_reproduces_golden():
     # The transcription itself reproduces the official code's numbers.
     for case in load_golden("losses.pt")["modularity"]:
-        loss, grad = value_and_grad(lambda c: official_modularity_loss(c, case["feat"], case["temp"]), case["codebook"])
+        loss, grad = value_and_grad(lambda c, case=case: official_modularity_loss(c, case["feat"], case["temp"]),
+                                    case["codebook"])
         torch.testing.assert_close(loss, case["loss"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, case["grad_codebook"], rtol=1e-5, atol=1e-6)
 
@@ -83,7 +88,8 @@ def contrastive_inputs(seed, batch=3, tokens=16, dim=8, proj_dim=10, num_prototy
     proj_ema = torch.randn(batch, tokens, proj_dim, generator=gen)
     codebook = torch.randn(num_prototypes, dim, generator=gen)
     # Bank entries of different lengths, one prototype left empty, one longer than the capacity.
-    entries = {k: torch.randn(n, proj_dim, generator=gen) for k, n in zip(range(num_prototypes), [3, 0, 7, 1, 4]) if n}
+    lengths = dict(enumerate([3, 0, 7, 1, 4]))
+    entries = {k: torch.randn(n, proj_dim, generator=gen) for k, n in lengths.items() if n}
     return feat, proj, proj_ema, codebook, entries
 
 
@@ -91,10 +97,10 @@ def test_official_contrastive_reproduces_golden():
     for case in load_golden("losses.pt")["contrastive"]:
         k, proj_dim = case["codebook"].shape[0], case["proj_feat"].shape[-1]
         bank = OfficialBank.from_entries(case["bank"], k, dim=proj_dim)
-        loss, grad = value_and_grad(
-            lambda proj: official_contrastive_loss(case["feat"], proj, case["proj_feat_ema"], case["codebook"], bank,
-                                                   case["temp"], case["pos_thresh"], case["neg_thresh"]),
-            case["proj_feat"])
+        def loss_fn(proj, case=case, bank=bank):
+            return official_contrastive_loss(case["feat"], proj, case["proj_feat_ema"], case["codebook"], bank,
+                                             case["temp"], case["pos_thresh"], case["neg_thresh"])
+        loss, grad = value_and_grad(loss_fn, case["proj_feat"])
         torch.testing.assert_close(loss, case["loss"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, case["grad_proj_feat"], rtol=1e-5, atol=1e-6)
 

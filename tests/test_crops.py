@@ -1,9 +1,14 @@
 """Cropped training sets (SPEC §2) and the synthetic COCO-Stuff set built on the same loaders."""
+import os
+import socket
+import subprocess
+import sys
+
+import datagen
 import numpy as np
 import pytest
 from PIL import Image
 
-import datagen
 from loader import DATASETS, build_dataset, build_source_dataset, write_cropped_dataset
 from loader.synthetic import PLANTED_FINE_IDS, make_synthetic_cocostuff
 from utils.cli import main
@@ -50,7 +55,7 @@ def test_crop_counts_sizes_order_and_labels(data_dir, name):
     index = 0
     for image, label in source:
         for image_crop, label_crop in zip(expected_crops(np.asarray(image), info.crop_type),
-                                          expected_crops(label, info.crop_type)):
+                                          expected_crops(label, info.crop_type), strict=True):
             stored = np.array(Image.open(crop_dir / "label" / "train" / f"{index}.png"))
             assert stored.dtype == np.uint8 and stored.shape == label_crop.shape
             np.testing.assert_array_equal(stored, label_crop + 1)  # class + 1, 0 = ignore
@@ -93,6 +98,21 @@ def test_rewrite_replaces_an_existing_crop_set(tmp_path):
     assert write_cropped_dataset("cityscapes", tmp_path, num_workers=1, progress=False) == crop_dir
     assert len(list((crop_dir / "img" / "train").iterdir())) == 20
     assert [p.name for p in crop_dir.parent.iterdir()] == [crop_dir.name]
+
+
+def test_staging_folders_of_killed_runs_are_removed(tmp_path):
+    datagen.write_cityscapes(tmp_path)
+    target = tmp_path / DATASETS["cityscapes"].crop_dir
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # a PID that no longer runs, as after a SIGKILL
+    host = socket.gethostname()
+    killed = [target.with_name(f".{target.name}.{kind}-{host}-{finished.pid}") for kind in ("partial", "old")]
+    running = target.with_name(f".{target.name}.partial-{host}-{os.getppid()}")
+    elsewhere = target.with_name(f".{target.name}.partial-another-host-{finished.pid}")
+    for folder in killed + [running, elsewhere]:
+        (folder / "img" / "train").mkdir(parents=True)
+    write_cropped_dataset("cityscapes", tmp_path, progress=False)
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([target.name, running.name, elsewhere.name])
 
 
 def test_synthetic_cocostuff_loads_crops_and_is_balanced(tmp_path):

@@ -2,16 +2,23 @@
 import json
 import re
 
+import datagen
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN, ROOT
 from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 
-import datagen
-from conftest import GOLDEN, ROOT
-from loader import (DATASETS, DatasetLayoutError, build_dataset, build_loader, build_source_dataset, check_layout,
-                    write_cropped_dataset)
+from loader import (
+    DATASETS,
+    DatasetLayoutError,
+    build_dataset,
+    build_loader,
+    build_source_dataset,
+    check_layout,
+    write_cropped_dataset,
+)
 
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
@@ -246,15 +253,23 @@ def test_crop_set_with_missing_label(tmp_path):
         check_layout("pascalvoc", tmp_path, "train")
 
 
-def test_loader_splits_indices_between_ranks():
+def test_training_loader_splits_indices_between_ranks():
     dataset = list(range(10))
-    for shuffle in (False, True):
-        loaders = [build_loader(dataset, 3, shuffle=shuffle, rank=rank, world_size=2, seed=4) for rank in (0, 1)]
-        seen = [torch.cat(list(loader)).tolist() for loader in loaders]
-        assert all(isinstance(loader.sampler, DistributedSampler) for loader in loaders)
-        assert len(seen[0]) == len(seen[1]) == 5 and sorted(seen[0] + seen[1]) == dataset
+    loaders = [build_loader(dataset, 3, shuffle=True, rank=rank, world_size=2, seed=4) for rank in (0, 1)]
+    seen = [torch.cat(list(loader)).tolist() for loader in loaders]
+    assert all(isinstance(loader.sampler, DistributedSampler) for loader in loaders)
+    assert len(seen[0]) == len(seen[1]) == 5 and sorted(seen[0] + seen[1]) == dataset
     loaders[0].sampler.set_epoch(1)
     assert torch.cat(list(loaders[0])).tolist() != seen[0]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_evaluation_loader_reads_every_image_once(world_size):
+    dataset = list(range(11))  # not a multiple of any world size above 1: DistributedSampler would pad
+    seen = [torch.cat(list(build_loader(dataset, 3, shuffle=False, rank=rank, world_size=world_size))).tolist()
+            for rank in range(world_size)]
+    assert sorted(sum(seen, [])) == dataset
+    assert all(shard == sorted(shard) for shard in seen)
 
 
 def test_single_process_loader_is_seeded(data_dir):

@@ -1,13 +1,16 @@
 """The demo's code path learns: after Hungarian matching its mIoU is far above a random assignment's."""
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from steps import run_step, step_args
 
 from loader import build_dataset
 from modules.metrics import MatchedMetrics
-from steps import run_step, step_args
 from utils.demo import prepare
+from utils.visualize import colorize
 
 
 def chance_levels(data_dir, resolution, n_classes, seed=0):
@@ -22,6 +25,22 @@ def chance_levels(data_dir, resolution, n_classes, seed=0):
     return metrics.compute()["mIoU"], 100 * (counts.max() / counts.sum()).item()
 
 
+def matched_picture_accuracy(results, val):
+    """Pixel accuracy (%) of the saved matched pictures against the labels, every val image having one.
+
+    COCO-Stuff pictures use the Pascal palette, whose colours differ for every class index, so
+    a pixel is right exactly when its colour is its label's colour."""
+    correct = counted = 0
+    for i in range(len(val)):
+        label = val[i]["label"].numpy()
+        with Image.open(results / "matched" / f"{i}.png") as picture:
+            matched = np.array(picture)
+        valid = label >= 0
+        correct += (matched == colorize(label, "pascal")).all(-1)[valid].sum()
+        counted += valid.sum()
+    return 100 * correct / counted
+
+
 @pytest.mark.parametrize("head", ["tr", "mlp"])
 def test_demo_pipeline_beats_a_random_assignment_by_far(tmp_path, head):
     data_dir, ckpt, _ = prepare(tmp_path, n_train=12, n_val=6, image_size=128, seed=0)
@@ -30,8 +49,11 @@ def test_demo_pipeline_beats_a_random_assignment_by_far(tmp_path, head):
     run_step("mediator", None, args)
     run_step("front_door", head, args)
     run_step("fine_tune", head, [*args, "--epochs", "3"])
-    run_step("test", head, args)
-    metrics = json.loads((tmp_path / "results/cocostuff27" / head.upper() / "dino_vit_tiny_8/32/metrics.json").read_text())
+    run_step("test", head, [*args, "--num_pictures", "-1"])
+    results = tmp_path / "results/cocostuff27" / head.upper() / "dino_vit_tiny_8/32"
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert matched_picture_accuracy(results, build_dataset("cocostuff27", data_dir, "val", 96)) == pytest.approx(
+        metrics["crf"]["pAcc"], abs=1e-3), "the matched pictures show the predictions that were scored"
     chance_miou, majority = chance_levels(data_dir, 96, 27)
     print(f"demo: CRF mIoU {metrics['crf']['mIoU']:.1f} pAcc {metrics['crf']['pAcc']:.1f}; random assignment "
           f"mIoU {chance_miou:.1f}; commonest class {majority:.1f}% of pixels")

@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-
 from conftest import ROOT
+from steps import make_tiny_setup, step_args
+
 from modules.heads import SegmentModule
 from modules.losses import contrastive_loss
 from modules.quantize import quantize_index
-from steps import make_tiny_setup, step_args
 from utils.distributed import broadcast_parameters, launch
 from utils.engine import Precision, labelled_cross_entropy, optimizer_step
 from utils.front_door import student_teacher_tokens

@@ -4,12 +4,12 @@ import multiprocessing
 import numpy as np
 import pytest
 import torch
+from conftest import load_golden
 from PIL import Image
 
-from conftest import load_golden
 from modules.crf import crf_image, dense_crf, dense_crf_batch
 from modules.metrics import MatchedMetrics
-from utils.visualize import colorize, palette, save_prediction_pictures
+from utils.visualize import colorize, palette, prediction_pictures, save_pictures
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def golden():
 def test_metrics_match_official(golden):
     for case in golden["metrics"]:
         metrics = MatchedMetrics(case["n_classes"])
-        for preds, labels in zip(case["preds"], case["labels"]):
+        for preds, labels in zip(case["preds"], case["labels"], strict=True):
             metrics.update(preds, labels)
         result = metrics.compute()
         for key in ("mIoU", "Acc", "mAP"):
@@ -79,7 +79,7 @@ def test_crf_batch_matches_single(golden):
     log_probs = torch.stack([case["log_probs"], case["log_probs"].flip(-1)])
     batch = dense_crf_batch(images, log_probs, max_iter=2)
     assert batch.shape == (2, *case["q"].shape)
-    for image, lp, q in zip(images, log_probs, batch):
+    for image, lp, q in zip(images, log_probs, batch, strict=True):
         torch.testing.assert_close(q, dense_crf(image, lp, max_iter=2))
 
 
@@ -118,9 +118,9 @@ def test_palettes():
 def test_save_prediction_pictures(tmp_path):
     image = torch.randn(3, 6, 10)
     label = torch.randint(-1, 27, (6, 10))
-    preds = [torch.randint(0, 27, (6, 10)) for _ in range(3)]
-    save_prediction_pictures(tmp_path, 7, image, label, *preds, palette_name="cityscapes")
-    for folder in ("imgs", "labels", "raw", "crf", "matched"):
+    raw, crf = (torch.randint(0, 27, (6, 10)) for _ in range(2))
+    save_pictures(tmp_path, 7, prediction_pictures(image, label, raw, crf, palette_name="cityscapes"))
+    for folder in ("imgs", "labels", "raw", "crf"):
         with Image.open(tmp_path / folder / "7.png") as picture:
             assert picture.size == (10, 6) and picture.mode == "RGB"
     with Image.open(tmp_path / "labels" / "7.png") as picture:

@@ -1,8 +1,8 @@
 """Segment heads and cluster probe against the official implementation's numbers (golden/heads.pt)."""
 import pytest
 import torch
-
 from conftest import load_golden
+
 from modules.grid import tokens_to_map
 from modules.heads import SegmentModule
 from modules.probe import ClusterModule
@@ -76,7 +76,7 @@ def test_ema_init_and_update(head_type):
     segment.init_ema()
     pairs = [(segment.head, segment.head_ema), (segment.projection_head, segment.projection_head_ema)]
     for student, teacher in pairs:
-        for s, t in zip(student.parameters(), teacher.parameters()):
+        for s, t in zip(student.parameters(), teacher.parameters(), strict=True):
             assert torch.equal(s, t) and s.data_ptr() != t.data_ptr()
             assert not t.requires_grad and s.requires_grad
     before = [[t.clone() for t in teacher.parameters()] for _, teacher in pairs]
@@ -84,8 +84,8 @@ def test_ema_init_and_update(head_type):
         for p in segment.student_parameters():
             p.add_(1.0)
     segment.update_ema(0.99)
-    for (student, teacher), old in zip(pairs, before):
-        for s, t, t0 in zip(student.parameters(), teacher.parameters(), old):
+    for (student, teacher), old in zip(pairs, before, strict=True):
+        for s, t, t0 in zip(student.parameters(), teacher.parameters(), old, strict=True):
             torch.testing.assert_close(t, 0.99 * t0 + 0.01 * s)
 
 

@@ -3,8 +3,8 @@ numbers (golden/losses.pt) and against dense references written out here."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import load_golden
+
 from modules.bank import ConceptBank
 from modules.grid import grid_sample_tokens, map_to_tokens, tokens_to_map
 from modules.losses import contrastive_loss, modularity_loss

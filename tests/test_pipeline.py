@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from loader.synthetic import make_synthetic_cocostuff
 from models import build_backbone
 from modules.heads import SegmentModule

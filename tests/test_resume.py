@@ -3,14 +3,14 @@ import shutil
 import socket
 
 import numpy as np
-from PIL import Image
 import pytest
 import torch
+from datagen import write_cityscapes
+from PIL import Image
+from steps import make_tiny_setup, run_step, step_args
 
 import utils.front_door
-from datagen import write_cityscapes
 from loader import write_cropped_dataset
-from steps import make_tiny_setup, run_step, step_args
 from utils import front_door, mediator
 from utils.config import parse_config
 from utils.engine import ResumeState, artifact_paths

@@ -116,7 +116,8 @@ def build_parser(step, head=None):
     g.add_argument("--port", type=int, default=12355, help="rendezvous port of a --gpu/--nproc spawn")
     g = p.add_argument_group("evaluation")
     g.add_argument("--crf_workers", type=int, default=min(8, os.cpu_count() or 1))
-    g.add_argument("--num_pictures", type=int, default=100, help="val images whose predictions are saved as pictures")
+    g.add_argument("--num_pictures", type=int, default=100,
+                   help="val images whose predictions are saved as pictures (-1: all of them)")
     return p
 
 

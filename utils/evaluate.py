@@ -12,11 +12,20 @@ from modules.grid import tokens_to_map
 from modules.metrics import MatchedMetrics
 from modules.probe import ClusterModule
 from utils.artifacts import load_modular, load_state_strict, require
-from utils.engine import (Precision, backbone_tokens, batches, check_data, labelled_cross_entropy, make_backbone,
-                          run_step, seed_everything, val_loader)
+from utils.engine import (
+    Precision,
+    backbone_tokens,
+    batches,
+    check_data,
+    labelled_cross_entropy,
+    make_backbone,
+    run_step,
+    seed_everything,
+    val_loader,
+)
 from utils.front_door import build_segment
 from utils.io import save_text
-from utils.visualize import save_prediction_pictures
+from utils.visualize import colorize, prediction_pictures, save_pictures
 
 
 def run(cfg):
@@ -83,7 +92,11 @@ def evaluate(ctx):
     raw_metrics = MatchedMetrics(cfg.n_classes, ctx.device)
     crf_metrics = MatchedMetrics(cfg.n_classes, ctx.device)
     probe = torch.zeros(2, device=ctx.device)
-    pictures = []
+    palette = ctx.dataset_info.palette
+    wanted_pictures = len(loader.dataset) if cfg.num_pictures < 0 else cfg.num_pictures
+    # The matched pictures need the final Hungarian matching, so only their CRF maps are kept,
+    # as bytes; every other picture is written as soon as it is predicted.
+    kept_crf = []
     # The CRF is CPU work: a pool of workers runs it for the images of a batch in parallel.
     with (multiprocessing.Pool(cfg.crf_workers) if cfg.crf_workers > 1 else nullcontext()) as pool:
         for _, bar, batch in batches(ctx, loader, 0, f"[test {cfg.head.upper()}] {cfg.dataset}"):
@@ -98,8 +111,11 @@ def evaluate(ctx):
             _, correct, counted = labelled_cross_entropy(segment.linear(segment.head_ema(tokens.float())), labels,
                                                          cfg.n_classes)
             probe += torch.stack([correct, counted]).float()
-            for i in range(min(len(images), cfg.num_pictures - len(pictures))):
-                pictures.append((int(batch["ind"][i]), images[i].cpu(), labels[i].cpu(), raw[i].cpu(), crf[i].cpu()))
+            for i in range(min(len(images), wanted_pictures - len(kept_crf))):
+                index = int(batch["ind"][i])
+                pictures = prediction_pictures(images[i], labels[i], raw[i], crf[i], palette)
+                save_pictures(ctx.paths.results, index, pictures)
+                kept_crf.append((index, crf[i].to(torch.uint8).cpu()))  # at most 171 clusters (coco171)
             bar.set_postfix(crf_mIoU=f"{crf_metrics.compute()['mIoU']:.1f}")
 
     results = {
@@ -108,14 +124,13 @@ def evaluate(ctx):
         "no_crf": summary(raw_metrics),
         "linear_probe_pixel_accuracy_uses_labels": 100 * (probe[0] / probe[1].clamp(min=1)).item(),
     }
-    palette = ctx.dataset_info.palette
-    for index, image, label, raw, crf in pictures:
-        save_prediction_pictures(ctx.paths.results, index, image, label, raw, crf, crf_metrics.match(crf), palette)
+    for index, crf in kept_crf:
+        save_pictures(ctx.paths.results, index, {"matched": colorize(crf_metrics.match(crf.long()), palette)})
     save_text(json.dumps(results, indent=2), ctx.paths.metrics)
     print(f"[test {cfg.head.upper()}] {cfg.dataset}: without CRF mIoU {results['no_crf']['mIoU']:.1f} "
           f"pAcc {results['no_crf']['pAcc']:.1f}; linear probe (uses labels) pixel accuracy "
           f"{results['linear_probe_pixel_accuracy_uses_labels']:.1f}")
     print(f"[test {cfg.head.upper()}] metrics: {ctx.paths.metrics}; "
-          f"pictures of {len(pictures)} images: {ctx.paths.results}")
+          f"pictures of {len(kept_crf)} images: {ctx.paths.results}")
     print(f"mIoU: {results['crf']['mIoU']:.1f} pAcc: {results['crf']['pAcc']:.1f}")
     return results

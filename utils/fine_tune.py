@@ -13,9 +13,23 @@ from modules.metrics import MatchedMetrics
 from modules.probe import ClusterModule
 from utils.artifacts import load_modular, load_state_strict, require
 from utils.distributed import all_reduce_sum, broadcast_parameters
-from utils.engine import (Logger, Precision, ResumeState, backbone_tokens, batches, check_data, check_finite,
-                          labelled_cross_entropy, loads, make_backbone, optimizer_step, run_step, seed_everything,
-                          train_loader, val_loader)
+from utils.engine import (
+    Logger,
+    Precision,
+    ResumeState,
+    backbone_tokens,
+    batches,
+    check_data,
+    check_finite,
+    labelled_cross_entropy,
+    loads,
+    make_backbone,
+    optimizer_step,
+    run_step,
+    seed_everything,
+    train_loader,
+    val_loader,
+)
 from utils.evaluate import dense_features
 from utils.front_door import build_segment
 from utils.io import save_torch
@@ -83,7 +97,7 @@ def train(ctx):
     if state is not None:
         segment.load_state_dict(state["segment"])
         cluster.load_state_dict(state["cluster"])
-        for holder, saved in zip(optimizers + schedulers, state["optimizers"] + state["schedulers"]):
+        for holder, saved in zip(optimizers + schedulers, state["optimizers"] + state["schedulers"], strict=True):
             holder.load_state_dict(saved)
         precision.scaler.load_state_dict(state["scaler"])
 

@@ -152,5 +152,5 @@ def official_contrastive_loss(feat, proj, proj_ema, codebook, bank=None, temp=0.
 @torch.no_grad()
 def official_ema_update(student, teacher, momentum=0.99):
     """teacher ← momentum·teacher + (1 − momentum)·student, with new tensors as the official code makes."""
-    for s, t in zip(student.parameters(), teacher.parameters()):
+    for s, t in zip(student.parameters(), teacher.parameters(), strict=True):
         t.data = momentum * t.data + (1 - momentum) * s.data

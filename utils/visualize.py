@@ -71,15 +71,18 @@ def image_to_rgb(image):
     return np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def save_prediction_pictures(out_dir, index, image, label, raw_pred, crf_pred, matched_pred, palette_name):
-    """Write out_dir/{imgs,labels,raw,crf,matched}/<index>.png for one image."""
-    pictures = {
+def prediction_pictures(image, label, raw_pred, crf_pred, palette_name):
+    """{folder: uint8 picture} of one image: the image, its labels, the cluster maps without and with CRF."""
+    return {
         "imgs": image_to_rgb(image),
         "labels": colorize(label, palette_name),
         "raw": colorize(raw_pred, palette_name),
         "crf": colorize(crf_pred, palette_name),
-        "matched": colorize(matched_pred, palette_name),
     }
+
+
+def save_pictures(out_dir, index, pictures):
+    """Write out_dir/<folder>/<index>.png for each {folder: uint8 picture}."""
     for folder, picture in pictures.items():
         path = Path(out_dir) / folder
         path.mkdir(parents=True, exist_ok=True)
