@@ -145,3 +145,14 @@ def test_benchmark_runs_end_to_end(tmp_path):
         assert all(value > 0 for value in results[side].values())
     assert results["ratios"]["project_over_official"].keys() == benchmark.MEASURES.keys()
     assert all(key in benchmark.MEASURES for key in benchmark.TARGETS)
+
+
+def test_benchmark_measures_only_what_is_asked(capsys):
+    results = benchmark.main(["--device", "cpu", "--small", "--arch", "dino_vit_tiny_8", "--resolution", "64",
+                              "--batch", "2", "--num-codebook", "16", "--projection-dim", "32",
+                              "--bank-capacity", "4", "--steps", "1", "--warmup", "0",
+                              "--measures", "mediator", "bank_update"])
+    measured = {"mediator_step_s", "mediator_step_peak_bytes", "bank_update_s"}
+    assert results["project"].keys() == results["official"].keys() == measured
+    report = capsys.readouterr().out
+    assert "[benchmark] bank update time: project" in report and "front-door" not in report

@@ -1,6 +1,6 @@
 """Training-step cost of this project against the official CAUSE formulation (issue 6).
 
-    python -m utils.benchmark [--device cpu|cuda] [--full | --small] [--steps N] [--json PATH]
+    python -m utils.benchmark [--device cpu|cuda] [--full | --small] [--steps N] [--measures ...] [--json PATH]
 
 --full uses the paper's shapes (ViT-B/8, 320 px -> 40x40 tokens, batch 16, K = 2048,
 projection 2048, concept bank full: 100 entries for each prototype); --small (the default
@@ -89,6 +89,9 @@ TARGETS = {
     "mediator_step_peak_bytes": (1 / 10, "≥10× less memory"),
     "bank_update_s": (1 / 10, "≥10× faster"),
 }
+
+# What can be measured, one group at a time (--measures).
+MEASURE_GROUPS = ("mediator", "front_door_tr", "front_door_mlp", "bank_update")
 
 # Every measured number: key in the results, label in the table.
 MEASURES = {
@@ -246,8 +249,11 @@ def bank_update_steps(index, shapes):
     return (lambda: bank.update(index, values)), (lambda: official_bank.update(index, values))
 
 
-def run(shapes, device, steps, warmup, precision_name="fp16"):
-    """Measure everything once; returns the results dict that --json writes."""
+def run(shapes, device, steps, warmup, precision_name="fp16", measures=MEASURE_GROUPS):
+    """Measure each of `measures` (MEASURE_GROUPS) once; returns the results dict that --json writes.
+
+    The backbone forward is always measured. Each measure's figures are printed as soon as
+    they are taken, so a long run at the paper's shapes on a CPU shows its progress."""
     torch.manual_seed(0)
     precision = Precision(precision_name, device)
     backbone = build_backbone(shapes.arch).to(device)
@@ -269,19 +275,28 @@ def run(shapes, device, steps, warmup, precision_name="fp16"):
 
     results = {"project": {}, "official": {}}
 
+    print(f"[benchmark] backbone forward: {_ms(backbone_s)}", flush=True)
+
     def record(name, project_step, official_step, memory=False):
         sides = {"project": project_step, "official": official_step}
-        for side, seconds in median_seconds(sides, device, steps, warmup).items():
-            results[side][f"{name}_s"] = seconds
+        taken = {f"{name}_s": median_seconds(sides, device, steps, warmup)}
         if memory:
-            for side, step in sides.items():
-                results[side][f"{name}_peak_bytes"] = peak_bytes(step, device)
+            taken[f"{name}_peak_bytes"] = {side: peak_bytes(step, device) for side, step in sides.items()}
+        for key, by_side in taken.items():
+            for side, value in by_side.items():
+                results[side][key] = value
+            fmt = _ms if key.endswith("_s") else _mib
+            print(f"[benchmark] {MEASURES[key]}: project {fmt(by_side['project'])}, official "
+                  f"{fmt(by_side['official'])}", flush=True)
 
     # One measure at a time, so that only its own buffers (a full bank can be GBs) are allocated.
-    record("mediator_step", *mediator_steps(tokens, shapes.num_codebook, precision), memory=True)
+    if "mediator" in measures:
+        record("mediator_step", *mediator_steps(tokens, shapes.num_codebook, precision), memory=True)
     for head_type in ("tr", "mlp"):
-        record(f"front_door_{head_type}_step", *front_door_steps(head_type, tokens, codebook, shapes, precision))
-    record("bank_update", *bank_update_steps(index, shapes))
+        if f"front_door_{head_type}" in measures:
+            record(f"front_door_{head_type}_step", *front_door_steps(head_type, tokens, codebook, shapes, precision))
+    if "bank_update" in measures:
+        record("bank_update", *bank_update_steps(index, shapes))
 
     side = math.isqrt(num_tokens)
     results.update({
@@ -335,6 +350,8 @@ def format_report(results):
         f"{'proj/backbone':>14}",
     ]
     for key, label in MEASURES.items():
+        if key not in ratio:
+            continue
         fmt = _ms if key.endswith("_s") else _mib
         target = ""
         if key in TARGETS:
@@ -360,6 +377,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16",
                         help="autocast on CUDA as in training (CPU always runs fp32)")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
+    parser.add_argument("--measures", nargs="+", choices=MEASURE_GROUPS, default=list(MEASURE_GROUPS),
+                        help="measure only these (default: all)")
     for field, kind in (("arch", str), ("resolution", int), ("batch", int), ("num_codebook", int),
                         ("projection_dim", int), ("bank_capacity", int)):
         parser.add_argument(f"--{field.replace('_', '-')}", dest=field, type=kind,
@@ -375,7 +394,7 @@ def main(argv=None):
     preset = args.preset or ("full" if device.type == "cuda" else "small")
     shapes = replace(PRESETS[preset], **{field: getattr(args, field) for field in Shapes.__dataclass_fields__
                                          if getattr(args, field) is not None})
-    results = run(shapes, device, args.steps, args.warmup, args.precision)
+    results = run(shapes, device, args.steps, args.warmup, args.precision, args.measures)
     results["preset"] = preset
     print(format_report(results))
     if args.json:
