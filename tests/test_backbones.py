@@ -185,3 +185,24 @@ def test_frozen_contract():
     assert not backbone.train().training and not backbone.training
     with pytest.raises(ValueError, match="multiples of its patch size 16"):
         backbone(torch.zeros(1, 3, 40, 48))
+
+
+def test_attention_is_fused():
+    # Issue 6: the backbone's attention runs as one scaled_dot_product_attention call (flash or
+    # memory-efficient kernels on a GPU), not as an explicit [heads, N, N] softmax.
+    backbone = build_backbone("dino_vit_tiny_8")
+    attentions = [m for m in backbone.modules() if hasattr(m, "fused_attn")]
+    assert len(attentions) == len(backbone.blocks) and all(m.fused_attn for m in attentions)
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = counting
+    try:
+        backbone(torch.randn(1, 3, 32, 32))
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    assert len(calls) == len(backbone.blocks)

@@ -346,7 +346,7 @@ def format_report(results):
         f"peak memory = most bytes allocated above the step's start",
         f"backbone forward: {_ms(results['backbone_forward_s'])}",
         "",
-        f"{'measure':<28}{'project':>12}{'official':>12}{'proj/off':>10}  {'target (proj/off)':<36}"
+        f"{'measure':<28}{'project':>14}{'official':>14}{'proj/off':>10}  {'target (proj/off)':<36}"
         f"{'proj/backbone':>14}",
     ]
     for key, label in MEASURES.items():
@@ -358,7 +358,7 @@ def format_report(results):
             limit, meaning = TARGETS[key]
             target = f"≤ {limit:.2f} ({meaning}): {'met' if ratio[key] <= limit else 'NOT met'}"
         backbone = f"{over_backbone[key]:.3g}" if key in over_backbone else ""
-        lines.append(f"{label:<28}{fmt(results['project'][key]):>12}{fmt(results['official'][key]):>12}"
+        lines.append(f"{label:<28}{fmt(results['project'][key]):>14}{fmt(results['official'][key]):>14}"
                      f"{ratio[key]:>10.3f}  {target:<36}{backbone:>14}")
     return "\n".join(lines)
 
