@@ -12,9 +12,7 @@ Crops are numbered from 0 over the whole set in dataset order and stored as
 {crop_dir}/img/train/{i}.jpg and {crop_dir}/label/train/{i}.png (class + 1, 0 = ignore).
 """
 import io
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from loader.datasets import build_source_dataset, dataset_info
+from utils.io import owned_sibling, remove_abandoned_siblings
 
 CROP_SCHEDULES = {
     "five": [(0.5, TF.five_crop)],
@@ -68,42 +67,10 @@ class EncodedCrops(Dataset):
                 for image_crop, label_crop in crop_pair(np.asarray(image), label, self.crop_type)]
 
 
-def _work_dir(target, kind, pid=None):
-    """Hidden sibling of `target` owned by one process: .NAME.KIND-HOST-PID."""
-    return target.with_name(f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid() if pid is None else pid}")
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_abandoned_work_dirs(target):
-    """Delete the staging folders of crop runs on this host that were killed before cleaning up.
-
-    Folders of other hosts (a data folder shared over the network) are left alone: whether
-    their process still runs cannot be told from here.
-    """
-    host = socket.gethostname()
-    removed = []
-    for kind in ("partial", "old"):
-        for path in target.parent.glob(f".{target.name}.{kind}-{host}-*"):
-            pid = path.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _process_alive(int(pid)):
-                shutil.rmtree(path)
-                removed.append(path)
-    return removed
-
-
 def _replace_dir(staging, target):
     """Rename the finished `staging` folder to `target`, replacing an older crop set there."""
     if target.exists():
-        old = _work_dir(target, "old")
+        old = owned_sibling(target, "old")
         target.rename(old)
         staging.rename(target)
         shutil.rmtree(old)
@@ -121,9 +88,10 @@ def write_cropped_dataset(name, data_dir, num_workers=0, progress=True):
     data_dir = Path(data_dir)
     source = build_source_dataset(name, data_dir, "train")
     target = data_dir / info.crop_dir
-    for path in remove_abandoned_work_dirs(target):
-        print(f"[crop] removed {path}, left by a crop run that was killed")
-    staging = _work_dir(target, "partial")
+    for kind in ("partial", "old"):
+        for path in remove_abandoned_siblings(target, kind):
+            print(f"[crop] removed {path}, left by a crop run that was killed")
+    staging = owned_sibling(target, "partial")
     if staging.exists():
         shutil.rmtree(staging)
     image_dir, label_dir = staging / "img" / "train", staging / "label" / "train"

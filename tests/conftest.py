@@ -1,5 +1,6 @@
 """Shared test fixtures: the golden numbers of the official implementation and its stand-in weights."""
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +17,13 @@ def load_golden(name):
     if not path.exists():
         pytest.fail(f"golden file {path} is missing: tests need ../shared/golden beside the checkout")
     return torch.load(path, weights_only=False)
+
+
+def dead_pid():
+    """The PID of a process that has exited, as one killed outright leaves behind."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    return finished.pid
 
 
 def random_checkpoint():

@@ -1,12 +1,11 @@
 """Cropped training sets (SPEC §2) and the synthetic COCO-Stuff set built on the same loaders."""
 import os
 import socket
-import subprocess
-import sys
 
 import datagen
 import numpy as np
 import pytest
+from conftest import dead_pid
 from PIL import Image
 
 from loader import DATASETS, build_dataset, build_source_dataset, write_cropped_dataset
@@ -103,12 +102,10 @@ def test_rewrite_replaces_an_existing_crop_set(tmp_path):
 def test_staging_folders_of_killed_runs_are_removed(tmp_path):
     datagen.write_cityscapes(tmp_path)
     target = tmp_path / DATASETS["cityscapes"].crop_dir
-    finished = subprocess.Popen([sys.executable, "-c", "pass"])
-    finished.wait()  # a PID that no longer runs, as after a SIGKILL
-    host = socket.gethostname()
-    killed = [target.with_name(f".{target.name}.{kind}-{host}-{finished.pid}") for kind in ("partial", "old")]
+    host, pid = socket.gethostname(), dead_pid()
+    killed = [target.with_name(f".{target.name}.{kind}-{host}-{pid}") for kind in ("partial", "old")]
     running = target.with_name(f".{target.name}.partial-{host}-{os.getppid()}")
-    elsewhere = target.with_name(f".{target.name}.partial-another-host-{finished.pid}")
+    elsewhere = target.with_name(f".{target.name}.partial-another-host-{pid}")
     for folder in killed + [running, elsewhere]:
         (folder / "img" / "train").mkdir(parents=True)
     write_cropped_dataset("cityscapes", tmp_path, progress=False)

@@ -5,7 +5,8 @@ into place, so a crash mid-write leaves either the old file or none, never a
 truncated one that a later step would mistake for finished work.
 """
 import os
-import tempfile
+import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,19 +14,55 @@ import numpy as np
 import torch
 
 
+def owned_sibling(path, kind):
+    """Hidden sibling of `path` that belongs to this process: .NAME.KIND-HOST-PID."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_abandoned_siblings(path, kind):
+    """Delete the `kind` siblings of `path` (files or folders) whose process on this host has died.
+
+    A process killed outright (SIGKILL, out of memory) cannot clean up after itself; the next one
+    to write `path` does. Siblings of other hosts (a folder shared over the network) are left
+    alone: whether their process still runs cannot be told from here.
+    """
+    path = Path(path)
+    removed = []
+    for sibling in path.parent.glob(f".{path.name}.{kind}-{socket.gethostname()}-*"):
+        pid = sibling.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            if sibling.is_dir():
+                shutil.rmtree(sibling)
+            else:
+                sibling.unlink()
+            removed.append(sibling)
+    return removed
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_abandoned_siblings(path, "tmp")
+    tmp = owned_sibling(path, "tmp")
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save_torch(obj, path):
