@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements-dev.txt
-.venv/bin/ruff check .  # style (ruff.toml): unused names, import order, lines over 120
+.venv/bin/ruff check .  # style (ruff.toml): unused names, likely bugs, lines over 120
 .venv/bin/python -m pytest -q "$@"

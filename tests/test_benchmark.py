@@ -12,12 +12,8 @@ from modules.bank import ConceptBank
 from modules.heads import SegmentModule
 from modules.losses import contrastive_loss, modularity_loss
 from utils import benchmark
-from utils.official_formulation import (
-    OfficialBank,
-    official_contrastive_loss,
-    official_ema_update,
-    official_modularity_loss,
-)
+from utils.official_formulation import (OfficialBank, official_contrastive_loss, official_ema_update,
+                                        official_modularity_loss)
 
 
 def value_and_grad(fn, leaf):

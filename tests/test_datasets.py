@@ -10,15 +10,8 @@ from conftest import GOLDEN, ROOT
 from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 
-from loader import (
-    DATASETS,
-    DatasetLayoutError,
-    build_dataset,
-    build_loader,
-    build_source_dataset,
-    check_layout,
-    write_cropped_dataset,
-)
+from loader import (DATASETS, DatasetLayoutError, build_dataset, build_loader, build_source_dataset, check_layout,
+                    write_cropped_dataset)
 
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)

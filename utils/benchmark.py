@@ -54,12 +54,8 @@ from modules.losses import contrastive_loss, modularity_loss
 from modules.quantize import quantize_index
 from utils.engine import Precision, backbone_tokens, optimizer_step
 from utils.front_door import student_teacher_tokens
-from utils.official_formulation import (
-    OfficialBank,
-    official_contrastive_loss,
-    official_ema_update,
-    official_modularity_loss,
-)
+from utils.official_formulation import (OfficialBank, official_contrastive_loss, official_ema_update,
+                                        official_modularity_loss)
 
 
 @dataclass(frozen=True)

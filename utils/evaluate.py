@@ -12,17 +12,8 @@ from modules.grid import tokens_to_map
 from modules.metrics import MatchedMetrics
 from modules.probe import ClusterModule
 from utils.artifacts import load_modular, load_state_strict, require
-from utils.engine import (
-    Precision,
-    backbone_tokens,
-    batches,
-    check_data,
-    labelled_cross_entropy,
-    make_backbone,
-    run_step,
-    seed_everything,
-    val_loader,
-)
+from utils.engine import (Precision, backbone_tokens, batches, check_data, labelled_cross_entropy, make_backbone,
+                          run_step, seed_everything, val_loader)
 from utils.front_door import build_segment
 from utils.io import save_text
 from utils.visualize import colorize, prediction_pictures, save_pictures

@@ -13,23 +13,9 @@ from modules.metrics import MatchedMetrics
 from modules.probe import ClusterModule
 from utils.artifacts import load_modular, load_state_strict, require
 from utils.distributed import all_reduce_sum, broadcast_parameters
-from utils.engine import (
-    Logger,
-    Precision,
-    ResumeState,
-    backbone_tokens,
-    batches,
-    check_data,
-    check_finite,
-    labelled_cross_entropy,
-    loads,
-    make_backbone,
-    optimizer_step,
-    run_step,
-    seed_everything,
-    train_loader,
-    val_loader,
-)
+from utils.engine import (Logger, Precision, ResumeState, backbone_tokens, batches, check_data, check_finite,
+                          labelled_cross_entropy, loads, make_backbone, optimizer_step, run_step, seed_everything,
+                          train_loader, val_loader)
 from utils.evaluate import dense_features
 from utils.front_door import build_segment
 from utils.io import save_torch

@@ -13,23 +13,9 @@ from modules.losses import contrastive_loss
 from modules.quantize import quantize_index
 from utils.artifacts import load_modular, require
 from utils.distributed import all_reduce_sum, broadcast_parameters
-from utils.engine import (
-    Logger,
-    Precision,
-    ResumeState,
-    backbone_tokens,
-    batches,
-    check_data,
-    check_finite,
-    labelled_cross_entropy,
-    loads,
-    make_backbone,
-    optimizer_step,
-    run_step,
-    seed_everything,
-    train_loader,
-    val_loader,
-)
+from utils.engine import (Logger, Precision, ResumeState, backbone_tokens, batches, check_data, check_finite,
+                          labelled_cross_entropy, loads, make_backbone, optimizer_step, run_step, seed_everything,
+                          train_loader, val_loader)
 from utils.io import save_torch
 
 

@@ -6,20 +6,8 @@ from modules.grid import grid_sample_tokens
 from modules.losses import modularity_loss
 from utils.artifacts import ArtifactError, load_modular
 from utils.distributed import broadcast_parameters
-from utils.engine import (
-    Logger,
-    Precision,
-    ResumeState,
-    backbone_tokens,
-    batches,
-    check_data,
-    check_finite,
-    make_backbone,
-    optimizer_step,
-    run_step,
-    seed_everything,
-    train_loader,
-)
+from utils.engine import (Logger, Precision, ResumeState, backbone_tokens, batches, check_data, check_finite,
+                          make_backbone, optimizer_step, run_step, seed_everything, train_loader)
 from utils.io import save_numpy
 
 
