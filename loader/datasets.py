@@ -205,14 +205,21 @@ def _source_files(info, data_dir, split):
                          voc / "JPEGImages", voc / "SegmentationClass")
 
 
+def existing_crop_dir(info, data_dir):
+    """The cropped train set training reads: crop_dir, else STEGO's legacy folder; None when neither exists."""
+    for name in (info.crop_dir, info.legacy_crop_dir):
+        if name and (Path(data_dir) / name).is_dir():
+            return Path(data_dir) / name
+    return None
+
+
 def _crop_files(info, data_dir):
     """(image files, label files) of the cropped train set: {i}.jpg / {i}.png for i = 0..n-1."""
-    root = data_dir / info.crop_dir
-    legacy = data_dir / info.legacy_crop_dir if info.legacy_crop_dir else None
-    if not root.is_dir() and legacy is not None and legacy.is_dir():
-        root = legacy
+    root = existing_crop_dir(info, data_dir)
     remake = f"\nMake the crops with: {crop_command(info.name, data_dir)}"
-    if not root.is_dir():
+    if root is None:
+        root = data_dir / info.crop_dir
+        legacy = data_dir / info.legacy_crop_dir if info.legacy_crop_dir else None
         also = f" (and so is STEGO's name for it, {legacy})" if legacy is not None else ""
         raise _layout_error(info, data_dir, f"the cropped training set {root} is missing{also}.{remake}")
     image_dir, label_dir = root / "img" / "train", root / "label" / "train"

@@ -8,6 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def crf_log_probs(cosine, alpha=3):
+    """The CRF's unary input from ClusterModule.cosine_logits: log_softmax(alpha * cosine) over classes.
+
+    A function of the cosines rather than of the features, so that evaluation, which also takes
+    their argmax, computes them once."""
+    return torch.log_softmax(alpha * cosine, dim=1)
+
+
 class ClusterModule(nn.Module):
     def __init__(self, num_codebook, dim, reduced_dim, n_classes):
         super().__init__()
@@ -24,10 +32,6 @@ class ClusterModule(nn.Module):
     def predict(self, feat_map):
         """Nearest centroid by cosine: [B,H,W] int64."""
         return self.cosine_logits(feat_map).argmax(dim=1)
-
-    def crf_log_probs(self, feat_map, alpha=3):
-        """The CRF's unary input: log_softmax(alpha * cosine) over classes."""
-        return torch.log_softmax(alpha * self.cosine_logits(feat_map), dim=1)
 
     def clustering_loss(self, feat_map):
         """-mean over pixels of the cosine to the nearest centroid; features are detached so only

@@ -5,7 +5,7 @@ from conftest import load_golden
 
 from modules.grid import tokens_to_map
 from modules.heads import SegmentModule
-from modules.probe import ClusterModule
+from modules.probe import ClusterModule, crf_log_probs
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,6 @@ def test_centroid_matches_official():
         with torch.no_grad():
             cluster.cluster_probe.copy_(case["cluster_probe"])
         assert torch.equal(cluster.predict(feat_map), case["argmax"])
-        torch.testing.assert_close(cluster.crf_log_probs(feat_map, case["alpha"]), case["log_probs"],
+        torch.testing.assert_close(crf_log_probs(cluster.cosine_logits(feat_map), case["alpha"]), case["log_probs"],
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cluster.clustering_loss(feat_map), case["loss"], rtol=1e-5, atol=1e-6)

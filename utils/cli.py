@@ -15,13 +15,12 @@ USER_ERRORS = (FileNotFoundError, ValueError, LaunchError, NonFiniteLossError)
 
 
 def run_crop(cfg):
-    from loader import DATASETS, write_cropped_dataset
-    info = DATASETS[cfg.dataset]
+    from loader import DATASETS, existing_crop_dir, write_cropped_dataset
     # Crop sets are renamed into place only when complete; STEGO's own folder is read by training too.
-    existing = [cfg.data_dir / d for d in (info.crop_dir, info.legacy_crop_dir) if d and (cfg.data_dir / d).is_dir()]
-    if existing and not cfg.restart:
-        print(f"[crop] {existing[0]} exists; skipping")
-        return existing[0]
+    existing = existing_crop_dir(DATASETS[cfg.dataset], cfg.data_dir)
+    if existing is not None and not cfg.restart:
+        print(f"[crop] {existing} exists; skipping")
+        return existing
     return write_cropped_dataset(cfg.dataset, cfg.data_dir, num_workers=cfg.num_workers)
 
 

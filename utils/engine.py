@@ -130,7 +130,7 @@ def val_loader(ctx, resolution, distributed=True):
     dataset = build_dataset(cfg.dataset, cfg.data_dir, "val", resolution)
     rank, world = (ctx.dist.rank, ctx.dist.world_size) if distributed else (0, 1)
     return build_loader(dataset, cfg.batch_size, shuffle=False, rank=rank, world_size=world,
-                        num_workers=cfg.num_workers, seed=cfg.seed)
+                        num_workers=cfg.num_workers)
 
 
 def batches(ctx, loader, epoch, desc):

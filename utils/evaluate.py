@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from modules.crf import dense_crf_batch
 from modules.grid import tokens_to_map
 from modules.metrics import MatchedMetrics
-from modules.probe import ClusterModule
+from modules.probe import ClusterModule, crf_log_probs
 from utils.artifacts import load_modular, load_state_strict, require
 from utils.engine import (Precision, backbone_tokens, batches, check_data, labelled_cross_entropy, make_backbone,
                           run_step, seed_everything, val_loader)
@@ -67,8 +67,8 @@ def dense_features(backbone, segment, images, size, precision, flip):
     return F.interpolate(features, size, mode="bilinear", align_corners=False)
 
 
-def summary(metrics):
-    result = metrics.compute()
+def summary(result):
+    """The part of MatchedMetrics.compute()'s result that metrics.json reports."""
     return {"mIoU": result["mIoU"], "pAcc": result["Acc"], "per_class_iou": result["per_class_iou"]}
 
 
@@ -93,8 +93,9 @@ def evaluate(ctx):
         for _, bar, batch in batches(ctx, loader, 0, f"[test {cfg.head.upper()}] {cfg.dataset}"):
             images, labels = batch["img"], batch["label"]
             features = dense_features(backbone, segment, images, labels.shape[-2:], precision, flip=True)
-            raw = cluster.predict(features)
-            crf = dense_crf_batch(images, cluster.crf_log_probs(features), pool=pool).argmax(1)
+            cosine = cluster.cosine_logits(features)
+            raw = cosine.argmax(dim=1)
+            crf = dense_crf_batch(images, crf_log_probs(cosine), pool=pool).argmax(1)
             raw_metrics.update(raw, labels)
             crf_metrics.update(crf, labels)
             with precision.autocast():
@@ -109,14 +110,15 @@ def evaluate(ctx):
                 kept_crf.append((index, crf[i].to(torch.uint8).cpu()))  # at most 171 clusters (coco171)
             bar.set_postfix(crf_mIoU=f"{crf_metrics.compute()['mIoU']:.1f}")
 
+    crf_result = crf_metrics.compute()  # the final Hungarian matching, once
     results = {
         "dataset": cfg.dataset, "head": cfg.head, "backbone": cfg.arch, "checkpoint": str(cfg.ckpt),
-        "crf": summary(crf_metrics),
-        "no_crf": summary(raw_metrics),
+        "crf": summary(crf_result),
+        "no_crf": summary(raw_metrics.compute()),
         "linear_probe_pixel_accuracy_uses_labels": 100 * (probe[0] / probe[1].clamp(min=1)).item(),
     }
     for index, crf in kept_crf:
-        save_pictures(ctx.paths.results, index, {"matched": colorize(crf_metrics.match(crf.long()), palette)})
+        save_pictures(ctx.paths.results, index, {"matched": colorize(crf_result["assignment"][crf.long()], palette)})
     save_text(json.dumps(results, indent=2), ctx.paths.metrics)
     print(f"[test {cfg.head.upper()}] {cfg.dataset}: without CRF mIoU {results['no_crf']['mIoU']:.1f} "
           f"pAcc {results['no_crf']['pAcc']:.1f}; linear probe (uses labels) pixel accuracy "
