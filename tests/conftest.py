@@ -1,5 +1,4 @@
-"""Shared test fixtures: the golden numbers of the official implementation and its stand-in weights."""
-import importlib.util
+"""Shared test fixtures: the golden numbers of the official implementations (tests/golden)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,14 +7,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT.parent / "shared" / "golden"
+GOLDEN = ROOT / "tests" / "golden"
 sys.path.insert(0, str(ROOT))
 
 
 def load_golden(name):
     path = GOLDEN / name
     if not path.exists():
-        pytest.fail(f"golden file {path} is missing: tests need ../shared/golden beside the checkout")
+        pytest.fail(f"golden file {path} is missing from the checkout")
     return torch.load(path, weights_only=False)
 
 
@@ -24,14 +23,6 @@ def dead_pid():
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     return finished.pid
-
-
-def random_checkpoint():
-    """The module `golden/random_checkpoint.py`: deterministic stand-in backbone weights."""
-    spec = importlib.util.spec_from_file_location("random_checkpoint", GOLDEN / "random_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,10 @@ import argparse
 
 import pytest
 import torch
-from conftest import load_golden, random_checkpoint
+from conftest import load_golden
 
 from models import ARCHS, FAMILIES, CheckpointError, build_backbone, convert_checkpoint, load_backbone, resolve_arch
+from models.stand_in import stand_in_image, stand_in_release
 from models.vit import resample_pos_embed
 
 GOLDEN = load_golden("backbones.pt")
@@ -15,7 +16,7 @@ SMALL = "dino_vit_small_16"  # the cheapest released arch, for the refusal tests
 @pytest.fixture(scope="module")
 def small_release():
     """The release-layout object of the SMALL stand-in, made once (it takes a moment)."""
-    return random_checkpoint().make(SMALL)
+    return stand_in_release(SMALL)
 
 
 def save(obj, path):
@@ -25,18 +26,17 @@ def save(obj, path):
 
 def tokens(backbone, side=96):
     with torch.no_grad():
-        return backbone(random_checkpoint().image(side, 0))
+        return backbone(stand_in_image(side, 0))
 
 
 @pytest.mark.parametrize("arch", sorted(GOLDEN))
 def test_tokens_match_official(arch, tmp_path):
     case = GOLDEN[arch]
-    rc = random_checkpoint()
-    backbone = load_backbone(save(rc.make(arch), tmp_path / f"{arch}.pth"))
+    backbone = load_backbone(save(stand_in_release(arch), tmp_path / f"{arch}.pth"))
     assert (backbone.arch, backbone.family) == (arch, ARCHS[arch].family)
     assert not any(t.is_meta for t in backbone.state_dict().values())
     with torch.no_grad():
-        out = backbone(rc.image(case["image_side"], case["image_seed"]))
+        out = backbone(stand_in_image(case["image_side"], case["image_seed"]))
     torch.testing.assert_close(out, case["tokens"], rtol=1e-4, atol=1e-4)
 
 
@@ -134,7 +134,7 @@ def test_known_extra_keys_dropped(tmp_path, small_release):
 
 def test_msn_release_extras_dropped(tmp_path):
     arch = "msn_vit_small_16"
-    obj = random_checkpoint().make(arch)
+    obj = stand_in_release(arch)
     obj["target_encoder"]["module.fc.fc1.weight"] = torch.zeros(2048, 384)
     obj["prototypes"] = torch.zeros(1024, 256)  # beside the encoder, as MSN saves them
     obj["encoder"] = {"module.cls_token": torch.zeros(1, 1, 384)}
@@ -159,7 +159,7 @@ def test_converters_drop_by_rule():
 def test_mae_file_with_pickled_options(tmp_path):
     """MAE releases pickle an argparse.Namespace beside the weights: weights-only loading refuses it."""
     arch = "mae_vit_base_16"
-    obj = random_checkpoint().make(arch)
+    obj = stand_in_release(arch)
     obj["args"] = argparse.Namespace(model="mae_vit_base_patch16")
     obj["model"]["decoder_embed.weight"] = torch.zeros(512, 768)
     out = tokens(load_backbone(save(obj, tmp_path / f"{arch}.pth")))

@@ -1,0 +1,68 @@
+"""Deterministic stand-in weights for every backbone arch, in each family's release layout.
+
+No pretrained weights can be downloaded where the tests and the demo run, so they use files made
+here. The rule is the one the golden numbers were computed with (tests/golden/README.md), so a
+stand-in loaded by this project must give the golden tokens:
+
+  for each key of the backbone's own state dict (before any release wrapper or `module.` prefix),
+  x = numpy Generator(PCG64(crc32(key))).standard_normal(shape) as float32, then
+  LayerNorm weights (`norm1`, `norm2`, the final `norm`) 1 + 0.1·x, layer-scale gammas 0.5 + 0.1·x,
+  everything else 0.02·x.
+
+Seeding per key makes every tensor independent of the others and of the torch version.
+"""
+import zlib
+
+import numpy as np
+import torch
+
+from .checkpoints import WRAPPERS
+from .registry import ARCHS
+from .vit import build_backbone
+
+_NORM_WEIGHTS = ("norm1.weight", "norm2.weight", "norm.weight")
+
+
+def stand_in_tensor(key, shape):
+    """The stand-in value of one state-dict entry (float32 CPU tensor)."""
+    rng = np.random.Generator(np.random.PCG64(zlib.crc32(key.encode())))
+    x = rng.standard_normal(tuple(shape)).astype(np.float32)
+    if key.endswith(_NORM_WEIGHTS):
+        x = np.float32(1.0) + np.float32(0.1) * x
+    elif key.endswith("gamma"):
+        x = np.float32(0.5) + np.float32(0.1) * x
+    else:
+        x = np.float32(0.02) * x
+    return torch.from_numpy(x)
+
+
+def release_keys(arch):
+    """{key: shape} of what `arch`'s release file holds for the backbone: the model's own entries,
+    plus DINOv2's mask token, which the release carries and the model drops on loading."""
+    with torch.device("meta"):
+        backbone = build_backbone(arch)
+    keys = {name: tuple(tensor.shape) for name, tensor in backbone.state_dict().items()}
+    if ARCHS[arch].family == "dinov2":
+        keys["mask_token"] = (1, ARCHS[arch].dim)
+    return keys
+
+
+def stand_in_state_dict(arch):
+    """The stand-in backbone state dict of `arch` (release key names, before any wrapper)."""
+    return {key: stand_in_tensor(key, shape) for key, shape in release_keys(arch).items()}
+
+
+def stand_in_release(arch):
+    """The object a release file of `arch` holds, filled with stand-in weights (torch.save it)."""
+    family = ARCHS[arch].family
+    state = stand_in_state_dict(arch)
+    if family == "msn":  # saved from DistributedDataParallel: every key carries `module.`
+        state = {"module." + key: tensor for key, tensor in state.items()}
+    wrapper = WRAPPERS.get(family)
+    return {wrapper: state} if wrapper else state
+
+
+def stand_in_image(side, seed=0):
+    """A normalised input batch [1, 3, side, side] drawn from PCG64(seed) (the golden files' input)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return torch.from_numpy(rng.standard_normal((1, 3, side, side)).astype(np.float32))
