@@ -1,5 +1,5 @@
 """Write the cropped training set of a dataset (SPEC §2): the crops training reads."""
-from utils.cli import main
+from utils.runtime.cli import main
 
 if __name__ == "__main__":
     main("crop")

@@ -1,5 +1,5 @@
 """CAUSE step 3: fit the cluster probe on the MLP head's features (SPEC §5)."""
-from utils.cli import main
+from utils.runtime.cli import main
 
 if __name__ == "__main__":
     main("fine_tune", "mlp")

@@ -1,7 +1,6 @@
-"""Data sets of SPEC §2: layouts, label mapping, transforms, cropped training sets, loaders."""
-from loader.crops import write_cropped_dataset
-from loader.datasets import (DATASETS, DatasetInfo, DatasetLayoutError, build_dataset, build_loader,
-                             build_source_dataset, check_layout, existing_crop_dir, verify_readable)
+"""Data sets of SPEC §2 and PRIMAPS.md §5: layouts, label mapping, transforms, crops, samplers."""
+from loader.datasets import (DATASETS, DataError, DatasetInfo, DatasetLayoutError, build_dataset, build_source_dataset,
+                             check_layout, dataset_info, existing_crop_dir, split_files, verify_readable)
 
-__all__ = ["DATASETS", "DatasetInfo", "DatasetLayoutError", "build_dataset", "build_loader",
-           "build_source_dataset", "check_layout", "existing_crop_dir", "verify_readable", "write_cropped_dataset"]
+__all__ = ["DATASETS", "DataError", "DatasetInfo", "DatasetLayoutError", "build_dataset", "build_source_dataset",
+           "check_layout", "dataset_info", "existing_crop_dir", "split_files", "verify_readable"]

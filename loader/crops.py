@@ -1,4 +1,4 @@
-"""Cropped training sets (SPEC §2), written once by crop_dataset.py and read by training.
+"""Cropped training sets (SPEC §2): the crops of one image pair (the crop step writes them, training reads them).
 
 Each full-resolution train image and its class map are cut into fixed crops with
 torchvision's five_crop / ten_crop (size [int(H·r), int(W·r)]; order tl, tr, bl, br,
@@ -12,18 +12,12 @@ Crops are numbered from 0 over the whole set in dataset order and stored as
 {crop_dir}/img/train/{i}.jpg and {crop_dir}/label/train/{i}.png (class + 1, 0 = ignore).
 """
 import io
-import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-from loader.datasets import build_source_dataset, dataset_info
-from utils.io import owned_sibling, remove_abandoned_siblings
+from torch.utils.data import Dataset
 
 CROP_SCHEDULES = {
     "five": [(0.5, TF.five_crop)],
@@ -65,49 +59,3 @@ class EncodedCrops(Dataset):
         image, label = self.source[index]
         return [(_encode(image_crop, "JPEG"), _encode((label_crop + 1).astype(np.uint8), "PNG"))
                 for image_crop, label_crop in crop_pair(np.asarray(image), label, self.crop_type)]
-
-
-def _replace_dir(staging, target):
-    """Rename the finished `staging` folder to `target`, replacing an older crop set there."""
-    if target.exists():
-        old = owned_sibling(target, "old")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old)
-    else:
-        staging.rename(target)
-
-
-def write_cropped_dataset(name, data_dir, num_workers=0, progress=True):
-    """Write the cropped train set of `name` to data_dir/crop_dir and return that folder.
-
-    The crops are written to a hidden sibling folder which is renamed to crop_dir only once
-    complete, so an interrupted run never leaves a partial set that training would accept.
-    """
-    info = dataset_info(name)
-    data_dir = Path(data_dir)
-    source = build_source_dataset(name, data_dir, "train")
-    target = data_dir / info.crop_dir
-    for kind in ("partial", "old"):
-        for path in remove_abandoned_siblings(target, kind):
-            print(f"[crop] removed {path}, left by a crop run that was killed")
-    staging = owned_sibling(target, "partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    image_dir, label_dir = staging / "img" / "train", staging / "label" / "train"
-    image_dir.mkdir(parents=True)
-    label_dir.mkdir(parents=True)
-    # batch_size=None: one item (all crops of one source image) at a time, in dataset order.
-    loader = DataLoader(EncodedCrops(source, info.crop_type), batch_size=None, num_workers=num_workers)
-    try:
-        count = 0
-        for crops in tqdm(loader, total=len(source), desc=f"[crop] {name}", disable=not progress):
-            for jpeg, png in crops:
-                (image_dir / f"{count}.jpg").write_bytes(jpeg)
-                (label_dir / f"{count}.png").write_bytes(png)
-                count += 1
-        _replace_dir(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return target

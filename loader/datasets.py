@@ -1,8 +1,9 @@
-"""The five data sets of SPEC §2: where their files lie, how labels become classes, loaders.
+"""The data sets of SPEC §2 and PRIMAPS.md §5: where their files lie, how labels become classes.
 
-Training reads the cropped train set (see loader/crops.py), evaluation the uncropped val
-set. Every layout problem is reported up front by `check_layout` with the file that is
-missing and the layout that was expected, so a run fails before any model is built.
+Training reads the cropped train set (loader/crops.py) where the data set has one, the
+uncropped train images otherwise (Potsdam-3, and PriMaPs' pseudo masks); evaluation reads the
+uncropped val set. Every layout problem is reported up front by `check_layout` with the file
+that is missing and the layout that was expected, so a run fails before any model is built.
 """
 import json
 import os
@@ -13,23 +14,34 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy.io import loadmat
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
+from errors import UserError
 from loader.transforms import ResizePair, normalise
 
 SPLITS = ("train", "val")
 LABEL_MAPS = Path(__file__).with_name("label_maps.json")
 
 
+class DataError(UserError):
+    """A data file cannot be read, or holds values the data set does not have."""
+
+
+class DatasetLayoutError(DataError):
+    """A data set's files are not where SPEC §2 puts them."""
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
+    """Everything the project knows about one data set, in one row of DATASETS."""
     name: str
     n_classes: int
     root: str  # folder under data_dir holding the source data
-    crop_type: str  # "five" | "double" | "super" (loader/crops.py)
-    crop_dir: str  # cropped train set, relative to data_dir
+    crop_type: str | None  # "five" | "double" | "super" (loader/crops.py); None: train reads the images as they are
+    crop_dir: str | None  # cropped train set, relative to data_dir
     legacy_crop_dir: str | None  # STEGO's name of the same crops, read when only it exists
     square_resize: bool  # resize to res×res instead of shorter side + centre crop
     palette: str
@@ -62,27 +74,29 @@ DATASETS = {
     "coco171": DatasetInfo(
         "coco171", 171, "cocostuff", "double", "cocostuff/cropped/coco171_double_crop_0",
         None, False, "pascal", dict(_COCO_CLIP), None, 1e-4, False),
+    # STEGO's Potsdam-3 (PRIMAPS.md §5); CAUSE never trained on it, so its clipping is the project's.
+    "potsdam3": DatasetInfo(
+        "potsdam3", 3, "potsdam", None, None, None, False, "potsdam", dict(_COCO_CLIP), None, 1e-4, False),
 }
 
 _LABEL_MAP_KEYS = {"cocostuff27": "cocostuff27_fine_to_coarse", "coco81": "coco81_fine_to_class",
                    "coco171": "coco171_fine_to_class"}
 COCO_LIST = "Coco164kFull_Stuff_Coarse.txt"
-COCO_LIST_7 = "Coco164kFull_Stuff_Coarse_7.txt"  # the cocostuff27 val subset
+COCO_LIST_7 = "Coco164kFull_Stuff_Coarse_7.txt"  # the cocostuff27 val subset, and PriMaPs' train list
 _COCO_SPLITS = {"train": "train2017", "val": "val2017"}
-
-
-class DatasetLayoutError(FileNotFoundError):
-    """A data set's files are not where SPEC §2 puts them."""
+POTSDAM_LISTS = {"train": "labelled_train.txt", "val": "labelled_test.txt"}
+# ISPRS Potsdam classes 0..5 -> Potsdam-3: road + car, building + clutter, vegetation + tree.
+POTSDAM_TO_3 = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
 
 
 def dataset_info(name):
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
-def _coco_list(info, split):
-    return COCO_LIST_7 if info.name == "cocostuff27" and split == "val" else COCO_LIST
+def _coco_list(info, split, curated_7):
+    return COCO_LIST_7 if info.name == "cocostuff27" and (split == "val" or curated_7) else COCO_LIST
 
 
 def crop_command(name, data_dir):
@@ -96,12 +110,18 @@ def expected_layout(info, data_dir):
             "cocostuff/images/{train2017,val2017}/ID.jpg",
             "cocostuff/annotations/{train2017,val2017}/ID.png   (COCO-Stuff fine label ids, 255 = unlabelled)",
             f"cocostuff/curated/train2017/{COCO_LIST}   (one ID per line)",
-            f"cocostuff/curated/val2017/{_coco_list(info, 'val')}",
+            f"cocostuff/curated/val2017/{_coco_list(info, 'val', False)}",
         ]
     elif info.root == "cityscapes":
         source = [
             "cityscapes/leftImg8bit/{train,val}/CITY/*_leftImg8bit.png",
             "cityscapes/gtFine/{train,val}/CITY/*_gtFine_labelIds.png",
+        ]
+    elif info.root == "potsdam":
+        source = [
+            "potsdam/imgs/ID.mat   (key 'img': H×W×4 RGB-IR; the first 3 channels are read)",
+            "potsdam/gt/ID.mat   (key 'gt': H×W ISPRS class ids 0..5)",
+            f"potsdam/{POTSDAM_LISTS['train']}, potsdam/{POTSDAM_LISTS['val']}   (one ID per line)",
         ]
     else:
         source = [
@@ -109,10 +129,11 @@ def expected_layout(info, data_dir):
             "pascalvoc/VOCdevkit/VOC2012/SegmentationClass/ID.png   (palette PNG, 255 = ignore)",
             "pascalvoc/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt   (one ID per line)",
         ]
-    crops = [f"{info.crop_dir}/{{img,label}}/train/{{0,1,...}}.{{jpg,png}}   "
-             f"(training crops; make them with: {crop_command(info.name, data_dir)})"]
+    crops = [] if info.crop_type is None else [
+        f"{info.crop_dir}/{{img,label}}/train/{{0,1,...}}.{{jpg,png}}   "
+        f"(training crops; make them with: {crop_command(info.name, data_dir)})"]
     lines = "\n".join(f"  {line}" for line in source + crops)
-    return f"Expected layout under --data_dir {data_dir} (SPEC §2):\n{lines}"
+    return f"Expected layout under --data_dir {data_dir}:\n{lines}"
 
 
 def _layout_error(info, data_dir, problem):
@@ -163,13 +184,13 @@ def _read_list(info, data_dir, list_file):
     return ids
 
 
-def _listed_files(info, data_dir, list_file, image_dir, label_dir):
-    """Images ID.jpg and labels ID.png of the IDs in `list_file`, in list order."""
+def _listed_files(info, data_dir, list_file, image_dir, label_dir, image_suffix, label_suffix):
+    """Images and labels of the IDs in `list_file`, in list order."""
     ids = _read_list(info, data_dir, list_file)
     _require_dir(info, data_dir, image_dir, "image folder")
     _require_dir(info, data_dir, label_dir, "label folder")
-    images = [image_dir / f"{i}.jpg" for i in ids]
-    labels = [label_dir / f"{i}.png" for i in ids]
+    images = [image_dir / f"{i}{image_suffix}" for i in ids]
+    labels = [label_dir / f"{i}{label_suffix}" for i in ids]
     listed = f"\n  (named by {list_file})"
     _require_files(info, data_dir, images, "image", listed)
     _require_files(info, data_dir, labels, "label", listed)
@@ -191,18 +212,21 @@ def _cityscapes_files(info, data_dir, split):
     return images, labels
 
 
-def _source_files(info, data_dir, split):
+def _source_files(info, data_dir, split, curated_7=False):
     """(image files, label files) of the uncropped `split`, in dataset order."""
     if info.root == "cocostuff":
         folder = _COCO_SPLITS[split]
-        list_file = data_dir / "cocostuff" / "curated" / folder / _coco_list(info, split)
+        list_file = data_dir / "cocostuff" / "curated" / folder / _coco_list(info, split, curated_7)
         return _listed_files(info, data_dir, list_file, data_dir / "cocostuff" / "images" / folder,
-                             data_dir / "cocostuff" / "annotations" / folder)
+                             data_dir / "cocostuff" / "annotations" / folder, ".jpg", ".png")
     if info.root == "cityscapes":
         return _cityscapes_files(info, data_dir, split)
+    if info.root == "potsdam":
+        base = data_dir / "potsdam"
+        return _listed_files(info, data_dir, base / POTSDAM_LISTS[split], base / "imgs", base / "gt", ".mat", ".mat")
     voc = data_dir / "pascalvoc" / "VOCdevkit" / "VOC2012"
     return _listed_files(info, data_dir, voc / "ImageSets" / "Segmentation" / f"{split}.txt",
-                         voc / "JPEGImages", voc / "SegmentationClass")
+                         voc / "JPEGImages", voc / "SegmentationClass", ".jpg", ".png")
 
 
 def existing_crop_dir(info, data_dir):
@@ -235,6 +259,24 @@ def _crop_files(info, data_dir):
     return images, labels
 
 
+def training_files(name, data_dir, curated_7=False):
+    """(image files, label files) that training reads: the crops where the data set has them."""
+    info = dataset_info(name)
+    data_dir = _check_data_dir(info, data_dir)
+    if info.crop_type is None or curated_7:
+        return _source_files(info, data_dir, "train", curated_7)
+    return _crop_files(info, data_dir)
+
+
+def split_files(name, data_dir, split, cropped=True, curated_7=False):
+    """(image files, label files) of `split` as the steps read it (see training_files for train)."""
+    info = dataset_info(name)
+    _check_split(split)
+    if split == "train" and cropped:
+        return training_files(name, data_dir, curated_7)
+    return _source_files(info, _check_data_dir(info, data_dir), split, curated_7)
+
+
 @lru_cache(maxsize=None)
 def _label_maps():
     return json.loads(LABEL_MAPS.read_text())
@@ -251,6 +293,10 @@ def source_lut(info):
     elif info.root == "cityscapes":
         lut = np.arange(256, dtype=np.int64) - 7  # labelIds 0..6 are void
         lut[lut < 0] = -1
+    elif info.root == "potsdam":
+        lut = np.full(256, -1, dtype=np.int64)
+        for fine, coarse in POTSDAM_TO_3.items():
+            lut[fine] = coarse
     else:
         lut = np.arange(256, dtype=np.int64)
         lut[21:] = -1  # 255 marks object borders and unlabelled pixels
@@ -272,8 +318,47 @@ def _open(path, kind):
     except (OSError, SyntaxError, ValueError) as err:
         if picture is not None:
             picture.close()
-        raise ValueError(f"cannot read {kind} file {path}: {err}") from err
+        raise DataError(f"cannot read {kind} file {path}: {err}") from err
     return picture
+
+
+def _load_mat(path, key, kind):
+    """The array under `key` of a MATLAB file (STEGO's Potsdam layout)."""
+    try:
+        content = loadmat(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # scipy raises several types for damaged files; all mean "unreadable"
+        raise DataError(f"cannot read {kind} file {path}: {err}") from err
+    if key not in content:
+        found = sorted(k for k in content if not k.startswith("__"))
+        raise DataError(f"{kind} file {path} has no variable {key!r} (found {found}); STEGO's Potsdam "
+                        f"files hold 'img' (images) and 'gt' (labels)")
+    return content[key]
+
+
+def _potsdam_image(path):
+    """RGB of an RGB-IR .mat image, converted as the official loader does (to_pil_image of 3 channels)."""
+    array = _load_mat(path, "img", "image")
+    if array.ndim != 3 or array.shape[2] < 3:
+        raise DataError(f"image file {path} holds an array of shape {array.shape}; expected H×W×C with C ≥ 3")
+    return to_pil_image(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[:3])
+
+
+def _potsdam_label(path):
+    array = _load_mat(path, "gt", "label")
+    if array.ndim != 2:
+        raise DataError(f"label file {path} holds an array of shape {array.shape}; expected H×W class ids")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise DataError(f"label file {path} holds values outside 0..255 ({array.min()}..{array.max()})")
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def read_pair(image_file, label_file):
+    """(PIL RGB image, PIL label image of stored values) of one item, decoded in full."""
+    if Path(image_file).suffix == ".mat":
+        return _potsdam_image(image_file), _potsdam_label(label_file)
+    return _open(image_file, "image").convert("RGB"), _open(label_file, "label")
 
 
 class LabelledImages(Dataset):
@@ -296,11 +381,10 @@ class LabelledImages(Dataset):
         """The pair at `index`; `resize` acts on the stored label values, before they become classes
         (nearest-neighbour resampling commutes with the mapping, and PIL cannot hold -1)."""
         image_file, label_file = self.image_files[index], self.label_files[index]
-        image = _open(image_file, "image").convert("RGB")
-        label = _open(label_file, "label")
+        image, label = read_pair(image_file, label_file)
         if image.size != label.size:
-            raise ValueError(f"image {image_file} is {image.size[0]}×{image.size[1]} but its label "
-                             f"{label_file} is {label.size[0]}×{label.size[1]}")
+            raise DataError(f"image {image_file} is {image.size[0]}×{image.size[1]} but its label "
+                            f"{label_file} is {label.size[0]}×{label.size[1]}")
         # Checked at full resolution, so a bad value fails whatever pixels the resize keeps.
         stored = self._checked(np.asarray(label), label_file)
         if resize is not None:
@@ -310,16 +394,16 @@ class LabelledImages(Dataset):
 
     def _checked(self, stored, label_file):
         if stored.ndim != 2:
-            raise ValueError(f"label file {label_file} must be single-channel (class ids), got shape {stored.shape}")
+            raise DataError(f"label file {label_file} must be single-channel (class ids), got shape {stored.shape}")
         if stored.size and (stored.min() < 0 or stored.max() > 255):
-            raise ValueError(f"label file {label_file} holds values outside 0..255 "
-                             f"({stored.min()}..{stored.max()})")
+            raise DataError(f"label file {label_file} holds values outside 0..255 "
+                            f"({stored.min()}..{stored.max()})")
         too_big = self.lut[stored] >= self.n_classes
         if too_big.any():
             values = np.unique(stored[too_big])
-            raise ValueError(f"label file {label_file} holds value(s) {values[:5].tolist()} that map to class(es) "
-                             f"{self.lut[values[:5]].tolist()}, but {self.name} has "
-                             f"{self.n_classes} classes (0..{self.n_classes - 1})")
+            raise DataError(f"label file {label_file} holds value(s) {values[:5].tolist()} that map to class(es) "
+                            f"{self.lut[values[:5]].tolist()}, but {self.name} has "
+                            f"{self.n_classes} classes (0..{self.n_classes - 1})")
         return stored
 
 
@@ -337,16 +421,16 @@ class SegmentationDataset(Dataset):
         image, label = self.source.read(index, self.resize)
         return {"ind": index, "img": normalise(image), "label": torch.from_numpy(label)}
 
+    def empty_batch(self):
+        """A batch of no items, with the shapes a batch of this data set has (see loader.samplers)."""
+        res = self.resize.resolution
+        return {"ind": torch.zeros(0, dtype=torch.int64), "img": torch.zeros(0, 3, res, res),
+                "label": torch.zeros(0, res, res, dtype=torch.int64)}
 
-def check_layout(name, data_dir, split):
-    """Raise DatasetLayoutError (or ValueError for a bad name/split) unless `split` can be read."""
-    info = dataset_info(name)
-    _check_split(split)
-    data_dir = _check_data_dir(info, data_dir)
-    if split == "train":
-        _crop_files(info, data_dir)
-    else:
-        _source_files(info, data_dir, split)
+
+def check_layout(name, data_dir, split, curated_7=False):
+    """Raise DatasetLayoutError (UserError for a bad name) unless `split` can be read as the steps read it."""
+    split_files(name, data_dir, split, curated_7=curated_7)
 
 
 class _Readable(Dataset):
@@ -363,68 +447,28 @@ class _Readable(Dataset):
         return 0
 
 
-def verify_readable(name, data_dir, split, num_workers=0, progress=True):
+def verify_readable(name, data_dir, split, num_workers=0, progress=True, curated_7=False):
     """Decode every image and label of the uncropped `split` before a run starts, so a corrupt
     file or a label outside the class range stops it at once, naming the file (the error of
     LabelledImages.read), instead of hours into training."""
-    source = build_source_dataset(name, data_dir, split)
+    source = build_source_dataset(name, data_dir, split, curated_7)
     loader = DataLoader(_Readable(source), batch_size=16, num_workers=num_workers)
     for _ in tqdm(loader, desc=f"[check] reading {name} {split}", disable=not progress, leave=False):
         pass
 
 
-def build_source_dataset(name, data_dir, split):
+def build_source_dataset(name, data_dir, split, curated_7=False):
     """The uncropped `split` at full resolution: items (PIL RGB image, int64 class map)."""
     info = dataset_info(name)
-    _check_split(split)
-    data_dir = _check_data_dir(info, data_dir)
-    images, labels = _source_files(info, data_dir, split)
+    images, labels = split_files(name, data_dir, split, cropped=False, curated_7=curated_7)
     return LabelledImages(name, images, labels, source_lut(info), info.n_classes)
 
 
-def build_dataset(name, data_dir, split, resolution):
-    """Training ("train": the cropped set) or evaluation ("val": uncropped) items at `resolution`."""
+def build_dataset(name, data_dir, split, resolution, curated_7=False):
+    """Training ("train": the crops where the data set has them) or evaluation ("val") items at `resolution`."""
     info = dataset_info(name)
     _check_split(split)
-    if split == "val":
-        source = build_source_dataset(name, data_dir, split)
-    else:
-        images, labels = _crop_files(info, _check_data_dir(info, data_dir))
-        source = LabelledImages(name, images, labels, CROP_LUT, info.n_classes)
+    images, labels = split_files(name, data_dir, split, curated_7=curated_7)
+    cropped = split == "train" and info.crop_type is not None and not curated_7
+    source = LabelledImages(name, images, labels, CROP_LUT if cropped else source_lut(info), info.n_classes)
     return SegmentationDataset(source, resolution, info.square_resize)
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Every index once, rank r reading r, r + W, r + 2W, ...: no padding, no shuffling.
-
-    For evaluation, where DistributedSampler's padding to a multiple of W would count a few
-    images twice. Ranks may then run different numbers of batches, so evaluation loops must
-    not reduce across ranks until they have finished.
-    """
-
-    def __init__(self, dataset, rank=0, world_size=1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside a world of {world_size} processes")
-        self.length, self.rank, self.world_size = len(dataset), rank, world_size
-
-    def __iter__(self):
-        return iter(range(self.rank, self.length, self.world_size))
-
-    def __len__(self):
-        return len(range(self.rank, self.length, self.world_size))
-
-
-def build_loader(dataset, batch_size, *, shuffle, rank=0, world_size=1, num_workers=0, seed=0, drop_last=False):
-    """A DataLoader reading this rank's share (`loader.sampler`).
-
-    Training (shuffle=True) draws through a DistributedSampler, also with one process: its order
-    depends only on (seed, epoch) once the caller `set_epoch`s it, so a run resumed after an epoch
-    reads the batches an uninterrupted run would. Evaluation (shuffle=False) reads every image
-    exactly once over all ranks (ShardSampler).
-    """
-    if shuffle:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    else:
-        sampler = ShardSampler(dataset, rank, world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available())

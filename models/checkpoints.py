@@ -146,7 +146,7 @@ def load_backbone(ckpt_path, arch=None, dino_small_heads=12):
     """
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"backbone checkpoint {path} not found; release files are expected at checkpoint/<arch>.pth, "
             f"e.g. checkpoint/dino_vit_base_8.pth"
         )

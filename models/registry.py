@@ -2,10 +2,12 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import UserError
+
 FAMILIES = ("dino", "dinov2", "ibot", "msn", "mae")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A backbone checkpoint that cannot be identified or does not fit its arch."""
 
 

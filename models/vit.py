@@ -8,6 +8,8 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from errors import UserError
+
 from .registry import ARCHS
 
 
@@ -39,7 +41,7 @@ def resample_pos_embed(pos_embed, grid, pretrain_grid, family):
     if patch_pos.shape[-2:] != (gh, gw):
         # Only msn's rule can miss: it has no offset against rounding down and is isotropic,
         # so the official code fails on such grids too (e.g. non-square images).
-        raise ValueError(
+        raise UserError(
             f"the {family} positional-embedding rule resamples the {n}x{n} grid to "
             f"{tuple(patch_pos.shape[-2:])}, not to the image's {gh}x{gw} patch grid; use another image size"
         )

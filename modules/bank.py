@@ -30,20 +30,21 @@ class ConceptBank:
         slots = torch.arange(self.capacity, device=self.count.device)
         return slots < self.count[:, None]
 
-    def update(self, index, values, generator=None):
-        """Store a uniformly random half (rounded down) of each prototype's tokens.
+    def update(self, index, values, order=None):
+        """Store half (rounded down) of each prototype's tokens, chosen by `order`.
 
-        index [N] prototype of each token, values [N, dim] their teacher projections;
-        `generator`, if given, lives on the bank's device.
-        The kept tokens are appended in a random order and only the newest `capacity`
-        survive, as the official bank does.
+        index [N] prototype of each token, values [N, dim] their teacher projections; `order`, a
+        permutation of the N tokens (default: a uniformly random one), decides which are kept:
+        each prototype keeps its tokens that come first in it, appended in that order, and only
+        the newest `capacity` survive, as the official bank does. The identity keeps the first
+        half in token order (the setting the official loops were recorded with).
         """
         index = index.reshape(-1).to(self.count.device)
         values = values.detach().reshape(-1, self.dim).to(self._storage)
         n = index.numel()
-        # A random permutation, then a stable sort by prototype: each prototype's tokens
-        # end up contiguous and in uniformly random order.
-        perm = torch.randperm(n, generator=generator, device=index.device)
+        # The permutation, then a stable sort by prototype: each prototype's tokens end up
+        # contiguous and in the permutation's order.
+        perm = torch.randperm(n, device=index.device) if order is None else order.to(index.device)
         group, order = torch.sort(index[perm], stable=True)
         token = perm[order]
         # Group bounds by binary search in the sorted prototypes (bincount would sync on CUDA).
@@ -66,19 +67,6 @@ class ConceptBank:
         # Integer division rather than repeat_interleave, which syncs to size its output.
         prototype = torch.arange(self.num_prototypes * self.capacity, device=self.count.device) // self.capacity
         return prototype, self._storage[:-1], self.valid().reshape(-1)
-
-    def is_empty(self):
-        """Syncs with the device: for logging only."""
-        return not bool(self.count.any())
-
-    def entries(self):
-        """{prototype: [n, dim] values, oldest first} for the non-empty prototypes; syncs, for tests and inspection."""
-        result = {}
-        for k in torch.nonzero(self.count).flatten().tolist():
-            n = int(self.count[k])
-            slots = (int(self.head[k]) - n + torch.arange(n)) % self.capacity
-            result[k] = self.values[k, slots.to(self.count.device)]
-        return result
 
     @classmethod
     def from_entries(cls, entries, num_prototypes, capacity=100, dim=None):
@@ -109,10 +97,3 @@ class ConceptBank:
         self._storage.copy_(state["storage"])
         self.count.copy_(state["count"])
         self.head.copy_(state["head"])
-
-    def to(self, device):
-        """Moves the buffers to `device` in place and returns the bank."""
-        self._storage = self._storage.to(device)
-        self.count = self.count.to(device)
-        self.head = self.head.to(device)
-        return self

@@ -1,4 +1,6 @@
 """Dense CRF refinement of the cluster predictions (SPEC §6), with the official settings."""
+import multiprocessing
+from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydensecrf.utils import unary_from_softmax
 
-from utils.visualize import denormalize
+from loader.transforms import denormalize
 
 GAUSSIAN_SXY, GAUSSIAN_COMPAT = 1, 3
 BILATERAL_SXY, BILATERAL_SRGB, BILATERAL_COMPAT = 67, 3, 4
@@ -59,3 +61,14 @@ def dense_crf_batch(images, log_probs, max_iter=10, pool=None):
     job = partial(_crf_inference_job, max_iter=max_iter)
     outputs = pool.map(job, inputs) if pool is not None else [job(pair) for pair in inputs]
     return torch.from_numpy(np.stack(outputs)).to(images.device)
+
+
+def crf_pool(workers):
+    """A pool of `workers` processes for dense_crf_batch, or a null context for one worker.
+
+    Forked: create it before CUDA starts in this process (a child forked after CUDA started
+    inherits a state it must not touch); the workers run numpy and pydensecrf only.
+    """
+    if workers <= 1:
+        return nullcontext()
+    return multiprocessing.get_context("fork").Pool(workers)

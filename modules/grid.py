@@ -30,6 +30,17 @@ def map_to_tokens(x):
     return x.flatten(2).transpose(1, 2)
 
 
+def grid_cells(num_tokens, window=4):
+    """Cells of the window×window grid sampling of a square grid of `num_tokens` tokens."""
+    return (math.isqrt(num_tokens) // window) ** 2
+
+
+def grid_order(random, num_tokens, window=4):
+    """Positions for grid_sample_tokens from a step's BatchRandom: one per (image, cell), drawn for
+    the global batch so that every process of the batch samples the same positions."""
+    return random.integers(window * window, (grid_cells(num_tokens, window),)).reshape(-1)
+
+
 def grid_sample_tokens(x, order=None, window=4, generator=None):
     """Keep one token per window×window cell of the square token grid (SPEC §3).
 

@@ -3,6 +3,10 @@
 Every attribute name below is chosen so that the state dict equals the released
 `segment_{mlp,tr}.pth` files (`golden/heads.pt: layout`); renaming any of them breaks
 loading of the released checkpoints.
+
+Dropout is the caller's choice, not a train/eval mode: a head applies dropout exactly when it is
+given a `dropout(x, p)` function (a training step passes its BatchRandom's, so that every process
+of a global batch draws the same masks); without one it is deterministic.
 """
 import math
 
@@ -16,6 +20,17 @@ from modules.quantize import quantize
 DROPOUT = 0.1
 
 
+def _no_dropout(x):
+    return x
+
+
+def _dropout_at(dropout, p):
+    """x -> dropout(x, p), or the identity when no dropout function is given."""
+    if dropout is None:
+        return _no_dropout
+    return lambda x: dropout(x, p)
+
+
 def _reduction(dim, reduced_dim):
     """The two branches `f1` (linear) and `f2` (two-layer MLP) that map features to R dims."""
     f1 = nn.Conv2d(dim, reduced_dim, 1)
@@ -23,10 +38,10 @@ def _reduction(dim, reduced_dim):
     return f1, f2
 
 
-def _reduce(f1, f2, tokens, p):
+def _reduce(f1, f2, tokens, drop):
     """f1(drop(x)) + f2(drop(x)) on the token grid; each branch draws its own dropout mask."""
     x = tokens_to_map(tokens)
-    return map_to_tokens(f1(F.dropout(x, p)) + f2(F.dropout(x, p)))
+    return map_to_tokens(f1(drop(x)) + f2(drop(x)))
 
 
 class MLPHead(nn.Module):
@@ -35,9 +50,24 @@ class MLPHead(nn.Module):
         self.f1, self.f2 = _reduction(dim, reduced_dim)
         self.dropout = dropout
 
-    def forward(self, feat, dropout=False):
-        """[B,P,dim] -> [B,P,R]; `dropout` asks for the head's dropout, active only in train mode."""
-        return _reduce(self.f1, self.f2, feat, self.dropout if dropout and self.training else 0.0)
+    def forward(self, feat, dropout=None):
+        """[B,P,dim] -> [B,P,R]; `dropout`, a dropout(x, p) function, turns the head's dropout on."""
+        return _reduce(self.f1, self.f2, feat, _dropout_at(dropout, self.dropout))
+
+
+def _attention(layer, query, key, value, drop):
+    """One-head attention of an nn.MultiheadAttention `layer`, with `drop` on the attention weights.
+
+    Without dropout the module's own (fused) path runs. With dropout the weights are formed
+    explicitly, so that their mask comes from the caller's generator like every other mask.
+    """
+    if drop is _no_dropout:
+        return layer(query, key, value, need_weights=False)[0]
+    w_q, w_k, w_v = layer.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = layer.in_proj_bias.chunk(3)
+    q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+    return layer.out_proj(drop(weights) @ v)
 
 
 class TRDecoderLayer(nn.Module):
@@ -45,8 +75,9 @@ class TRDecoderLayer(nn.Module):
 
     def __init__(self, dim, reduced_dim, hidden_dim=2048, dropout=DROPOUT):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, 1, dropout=dropout, batch_first=True)
-        self.multihead_attn = nn.MultiheadAttention(dim, 1, dropout=dropout, batch_first=True)
+        # The attention modules' own dropout stays 0: attention-weight dropout is applied in _attention.
+        self.self_attn = nn.MultiheadAttention(dim, 1, batch_first=True)
+        self.multihead_attn = nn.MultiheadAttention(dim, 1, batch_first=True)
         self.linear1 = nn.Linear(dim, hidden_dim)
         self.linear2 = nn.Linear(hidden_dim, dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -55,16 +86,14 @@ class TRDecoderLayer(nn.Module):
         self.f1, self.f2 = _reduction(dim, reduced_dim)
         self.dropout = dropout
 
-    def forward(self, tgt, memory, pos, head_dropout):
-        # Internal dropouts follow train/eval mode, as nn.MultiheadAttention's own do.
-        p = self.dropout if self.training else 0.0
+    def forward(self, tgt, memory, pos, dropout, head_dropout):
+        drop = _dropout_at(dropout, self.dropout)
         q = tgt + pos
-        tgt = self.norm1(tgt + F.dropout(self.self_attn(q, q, tgt, need_weights=False)[0], p))
-        attended = self.multihead_attn(tgt + pos, memory, memory, need_weights=False)[0]
-        tgt = self.norm2(tgt + F.dropout(attended, p))
-        ffn = self.linear2(F.dropout(F.relu(self.linear1(tgt)), p))
-        out = memory + self.norm3(tgt + F.dropout(ffn, p))
-        return _reduce(self.f1, self.f2, out, head_dropout)
+        tgt = self.norm1(tgt + drop(_attention(self.self_attn, q, q, tgt, drop)))
+        tgt = self.norm2(tgt + drop(_attention(self.multihead_attn, tgt + pos, memory, memory, drop)))
+        ffn = self.linear2(drop(F.relu(self.linear1(tgt))))
+        out = memory + self.norm3(tgt + drop(ffn))
+        return _reduce(self.f1, self.f2, out, _dropout_at(dropout, head_dropout))
 
 
 class TRHead(nn.Module):
@@ -79,10 +108,10 @@ class TRHead(nn.Module):
         self.register_buffer("codebook", None, persistent=False)
 
     def set_codebook(self, codebook):
-        self.codebook = codebook.detach().to(self.query_pos.device)
+        self.codebook = codebook
 
-    def forward(self, feat, dropout=False):
-        """[B,P,dim] -> [B,P,R]; P must be the num_queries the head was built for."""
+    def forward(self, feat, dropout=None):
+        """[B,P,dim] -> [B,P,R]; P must equal the num_queries the head was built for."""
         num_queries, tokens = self.query_pos.shape[0], feat.shape[1]
         if tokens != num_queries:
             side = math.isqrt(num_queries)
@@ -93,7 +122,7 @@ class TRHead(nn.Module):
         if self.codebook is None:
             raise ValueError("the TR head has no clusterbook: call set_codebook(codebook) before running it")
         tgt = quantize(feat, self.codebook)
-        return self.tr(tgt, feat, self.query_pos, self.dropout if dropout and self.training else 0.0)
+        return self.tr(tgt, feat, self.query_pos, dropout, self.dropout)
 
 
 class PointwiseConv(nn.Module):
@@ -113,7 +142,7 @@ class SegmentModule(nn.Module):
     """Student head and projection, their EMA teacher copies, and the labelled linear probe.
 
     `projection_head(_ema)` map [B,P,R] -> [B,P,projection_dim]; `linear` maps [B,P,R] to
-    logits [B,n_classes,h,w]. `dropout` is the probability the heads use when asked to.
+    logits [B,n_classes,h,w].
     """
 
     def __init__(self, head_type, dim, reduced_dim=90, projection_dim=2048, n_classes=27, num_queries=None):
@@ -123,18 +152,17 @@ class SegmentModule(nn.Module):
         if head_type == "tr" and num_queries is None:
             raise ValueError("the TR head needs num_queries = (resolution / patch size)^2")
         self.head_type = head_type
-        self.dropout = DROPOUT
         self.head = self._make_head(dim, reduced_dim, num_queries)
         self.projection_head = PointwiseConv(reduced_dim, projection_dim)
         self.head_ema = self._make_head(dim, reduced_dim, num_queries)
         self.projection_head_ema = PointwiseConv(reduced_dim, projection_dim)
         self.linear = PointwiseConv(reduced_dim, n_classes, as_map=True)
-        self.init_ema()
+        self._init_ema()
 
     def _make_head(self, dim, reduced_dim, num_queries):
         if self.head_type == "tr":
-            return TRHead(dim, reduced_dim, num_queries, self.dropout)
-        return MLPHead(dim, reduced_dim, self.dropout)
+            return TRHead(dim, reduced_dim, num_queries)
+        return MLPHead(dim, reduced_dim)
 
     def _ema_pairs(self):
         return ((self.head, self.head_ema), (self.projection_head, self.projection_head_ema))
@@ -146,7 +174,7 @@ class SegmentModule(nn.Module):
             self.head_ema.set_codebook(codebook)
 
     @torch.no_grad()
-    def init_ema(self):
+    def _init_ema(self):
         """Make the teacher heads copies of the student heads; they never receive gradients."""
         for student, teacher in self._ema_pairs():
             for s, t in zip(student.parameters(), teacher.parameters(), strict=True):
@@ -155,6 +183,7 @@ class SegmentModule(nn.Module):
 
     @torch.no_grad()
     def update_ema(self, momentum=0.99):
+        """teacher = momentum · teacher + (1 − momentum) · student, parameter by parameter."""
         for student, teacher in self._ema_pairs():
             for s, t in zip(student.parameters(), teacher.parameters(), strict=True):
                 t.mul_(momentum).add_(s, alpha=1 - momentum)
@@ -163,3 +192,11 @@ class SegmentModule(nn.Module):
         """The parameters that learn in step 2: student head, its projection and the linear probe."""
         for module in (self.head, self.projection_head, self.linear):
             yield from module.parameters()
+
+
+def build_segment(head, dim, reduced_dim, projection_dim, n_classes, num_queries, codebook, device):
+    """The segment module of a run, on `device`, holding the frozen clusterbook (TR)."""
+    segment = SegmentModule(head, dim, reduced_dim, projection_dim, n_classes,
+                            num_queries if head == "tr" else None).to(device)
+    segment.set_codebook(codebook.to(device))
+    return segment

@@ -19,8 +19,8 @@ def _pairwise_argmax(assign, row_chunk):
     return torch.cat(blocks, dim=1)
 
 
-def modularity_loss(codebook, feat, temp=0.1, row_chunk=None):
-    """-mean over images of the modularity Q of the soft assignment of tokens to prototypes.
+def modularity_per_image(codebook, feat, temp=0.1, row_chunk=None):
+    """[B] modularity Q of each image's soft assignment of tokens to prototypes (SPEC §3).
 
     feat [B, P, D] (detached here: only the codebook learns), codebook [K, D].
     δ_ij = max_k tanh(S_ik S_jk / temp) equals tanh(S_ik* S_jk* / temp) at the arg-max k*,
@@ -45,8 +45,12 @@ def modularity_loss(codebook, feat, temp=0.1, row_chunk=None):
         at_j = assign.gather(2, best.transpose(1, 2)).transpose(1, 2)
         delta = torch.tanh(at_i * at_j / temp)
         # Q = tr(W δ) = Σ_ij W_ij δ_ji
-        q = (weight * delta.transpose(1, 2)).sum((1, 2))
-        return -q.mean()
+        return (weight * delta.transpose(1, 2)).sum((1, 2))
+
+
+def modularity_loss(codebook, feat, temp=0.1, row_chunk=None):
+    """-mean over images of the modularity Q (the loss of SPEC §3 and §5)."""
+    return -modularity_per_image(codebook, feat, temp, row_chunk).mean()
 
 
 def _nce_rows(anchor, candidate, pos, neg, temp, valid=None):
@@ -74,41 +78,44 @@ def _nce_rows(anchor, candidate, pos, neg, temp, valid=None):
 
 
 def _image_terms(rows, n_pos, batch):
-    """Mean over the positive pairs of each image's anchors -> ([B] terms, [B] has-positives)."""
+    """Each image's mean over the positive pairs of its anchors -> ([B] terms, [B] has-positives)."""
     total = rows.view(batch, -1).sum(1)
     count = n_pos.view(batch, -1).sum(1)
     return total / count.clamp_min(1), count > 0
 
 
-def contrastive_loss(feat, proj, proj_ema, codebook, bank=None, temp=0.07, pos_thresh=0.3,
-                     neg_thresh=0.1, index=None):
-    """Concept-wise contrastive loss of SPEC §4, all images at once.
+def contrastive_terms(proj, index, candidates, candidate_index, codebook, bank=None, anchor_offset=0, temp=0.07,
+                      pos_thresh=0.3, neg_thresh=0.1):
+    """The terms of the concept-wise contrastive loss (SPEC §4) of some anchor images: (sum, count).
 
-    feat [B, P, D] sampled backbone tokens (only their prototypes matter), proj / proj_ema
-    [B, P, Dp] student / teacher projections, codebook [K, D], bank a ConceptBank or None,
-    index [B, P] a precomputed quantize_index(feat, codebook).
-    Anchors are all B·P student tokens; candidates all B·P teacher tokens, then the bank.
+    proj [b, P, Dp] student projections of the anchor images and index [b, P] their tokens'
+    prototypes; candidates [B, P, Dp] the teacher projections of the whole batch (the anchor
+    images among them, starting at image `anchor_offset`) and candidate_index [B, P]; codebook
+    [K, D]; bank a ConceptBank or None. Each anchor image gives one term against the batch and,
+    when the bank holds anything, one against the bank. Returns the sum of the terms that have a
+    positive pair and their number, so that processes sharing a batch can add both up.
     """
     # float32 even under autocast: logits are cosines / 0.07 and the masks compare cosines
     # with 0.3 / 0.1, where half-precision rounding would shift logits and flip pairs.
     with torch.autocast(device_type=proj.device.type, enabled=False):
         batch, tokens, _ = proj.shape
         prototypes = F.normalize(codebook.detach().float(), dim=-1)
-        if index is None:
-            index = quantize_index(feat.detach().float(), codebook.detach().float())
         index = index.reshape(-1)
+        candidate_index = candidate_index.reshape(-1)
         anchor = F.normalize(proj.float().reshape(batch * tokens, -1), dim=-1)
-        teacher = F.normalize(proj_ema.float().reshape(batch * tokens, -1), dim=-1)
+        teacher = F.normalize(candidates.detach().float().reshape(candidate_index.numel(), -1), dim=-1)
 
         # Cosine of each anchor's prototype to every prototype: the candidates' similarity
-        # c is then a column gather of [B·P, K] masks instead of another matmul.
+        # c is then a column gather of [b·P, K] masks instead of another matmul.
         prototype_cos = prototypes[index] @ prototypes.T
         is_pos = prototype_cos > pos_thresh
         is_neg = prototype_cos < neg_thresh
 
-        pos = is_pos[:, index]
-        pos.fill_diagonal_(False)  # an anchor is not its own positive (same image, same position)
-        terms, has_pos = _image_terms(*_nce_rows(anchor, teacher, pos, is_neg[:, index], temp), batch)
+        pos = is_pos[:, candidate_index]
+        # An anchor is not its own positive (same image, same position).
+        own = torch.arange(batch * tokens, device=pos.device)
+        pos[own, own + anchor_offset * tokens] = False
+        terms, has_pos = _image_terms(*_nce_rows(anchor, teacher, pos, is_neg[:, candidate_index], temp), batch)
 
         if bank is not None:
             bank_index, bank_values, valid = bank.candidates()
@@ -120,6 +127,35 @@ def contrastive_loss(feat, proj, proj_ema, codebook, bank=None, temp=0.07, pos_t
             has_pos = torch.cat([has_pos, bank_has_pos])
 
         # A term without a single positive pair is NaN (an empty mean) in the official code;
-        # it is left out of the mean here, counted by mask so that nothing syncs with the host.
-        # Whenever the official value is finite the two agree; an empty bank adds no terms.
-        return torch.where(has_pos, terms, 0.0).sum() / has_pos.sum().clamp_min(1)
+        # it is left out here, counted by mask so that nothing syncs with the host. Whenever
+        # the official value is finite the two agree; an empty bank adds no terms.
+        return torch.where(has_pos, terms, 0.0).sum(), has_pos.sum()
+
+
+def contrastive_loss(feat, proj, proj_ema, codebook, bank=None, temp=0.07, pos_thresh=0.3, neg_thresh=0.1,
+                     index=None):
+    """Concept-wise contrastive loss of SPEC §4 for one batch: the mean of contrastive_terms.
+
+    feat [B, P, D] sampled backbone tokens (only their prototypes matter), proj / proj_ema
+    [B, P, Dp] student / teacher projections, codebook [K, D], bank a ConceptBank or None,
+    index [B, P] a precomputed quantize_index(feat, codebook).
+    """
+    if index is None:
+        index = quantize_index(feat, codebook)
+    total, count = contrastive_terms(proj, index, proj_ema, index, codebook, bank, 0, temp, pos_thresh, neg_thresh)
+    return total / count.clamp_min(1)
+
+
+def probe_cross_entropy(logits, labels, n_classes):
+    """The labelled linear probe's loss summed over valid pixels: (sum, correct, counted).
+
+    logits [B,n,h,w] are upsampled bilinearly to the labels [B,H,W]; pixels labelled outside
+    0..n-1 are ignored. Divide the sum by the valid pixels of the whole batch for the mean.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = F.interpolate(logits.float(), labels.shape[-2:], mode="bilinear", align_corners=False)
+        valid = (labels >= 0) & (labels < n_classes)
+        flat_logits = logits.permute(0, 2, 3, 1)[valid]
+        loss = F.cross_entropy(flat_logits, labels[valid], reduction="sum")
+        correct = (flat_logits.argmax(1) == labels[valid]).sum()
+    return loss, correct, valid.sum()

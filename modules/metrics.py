@@ -11,9 +11,6 @@ class MatchedMetrics:
         self.n_classes = n_classes
         self.histogram = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=device)
 
-    def reset(self):
-        self.histogram.zero_()
-
     def update(self, preds, labels):
         n = self.n_classes
         preds, labels = preds.reshape(-1), labels.reshape(-1).to(preds.device)
@@ -46,7 +43,3 @@ class MatchedMetrics:
             "per_class_iou": [value.item() * 100 if ok else None for value, ok in zip(iou, defined, strict=True)],
             "assignment": assignment,
         }
-
-    def match(self, preds):
-        """Map predicted clusters to their matched classes."""
-        return self._assignment().to(preds.device)[preds]

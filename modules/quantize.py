@@ -1,4 +1,5 @@
 """Nearest-prototype quantisation by cosine similarity (the official `vqt` / `quantize_index`)."""
+import torch
 import torch.nn.functional as F
 
 
@@ -8,10 +9,14 @@ def cosine_similarity_to(z, codebook):
 
 
 def quantize_index(z, codebook):
-    """[B, P, D] -> [B, P] int64 index of the prototype with the highest cosine."""
-    return cosine_similarity_to(z, codebook).argmax(-1)
+    """[B, P, D] -> [B, P] int64 index of the prototype with the highest cosine.
+
+    In float32 even under autocast: neighbouring prototypes' cosines can differ by 1e-5, and a
+    half-precision arg-max would choose other prototypes than a float32 run does."""
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        return cosine_similarity_to(z.float(), codebook.float()).argmax(-1)
 
 
 def quantize(z, codebook):
     """[B, P, D] -> the nearest prototype of every token, [B, P, D]."""
-    return codebook[quantize_index(z, codebook)]
+    return codebook[quantize_index(z, codebook)].to(z.dtype)

@@ -30,3 +30,13 @@ def _deterministic_threads():
     # Two cores on CI: keep torch from oversubscribing them.
     torch.set_num_threads(2)
     yield
+
+
+def bank_entries(bank):
+    """{prototype: [n, dim] values, oldest first} of a ConceptBank's non-empty prototypes (the golden files' form)."""
+    entries = {}
+    for k in torch.nonzero(bank.count).flatten().tolist():
+        n = int(bank.count[k])
+        slots = (int(bank.head[k]) - n + torch.arange(n)) % bank.capacity
+        entries[k] = bank.values[k, slots.to(bank.count.device)]
+    return entries

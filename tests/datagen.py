@@ -7,8 +7,10 @@ another. Sizes are (height, width); the default 40×56 is not square on purpose.
 """
 import numpy as np
 from PIL import Image
+from scipy.io import savemat
 
-from loader import DATASETS, write_cropped_dataset
+from loader import DATASETS
+from utils.engine.crop import write_cropped_dataset
 
 LANDSCAPE = (40, 56)
 PORTRAIT = (56, 40)
@@ -137,15 +139,42 @@ def write_pascalvoc(data_dir, seed=0):
     return splits
 
 
+# ISPRS class ids of Potsdam's ground truth (0..5, and 6 = none of them) and their Potsdam-3 classes.
+POTSDAM_PLANTED_OUT = {(0, 0): 0, (0, 1): 4, (0, 2): 1, (0, 3): 5, (1, 0): 2, (1, 1): 3, (1, 2): 6}
+POTSDAM_EXPECTED = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2, 6: -1}
+POTSDAM_SIZE = (40, 40)
+
+
+def write_potsdam(data_dir, seed=0, n_train=2, n_val=1):
+    """potsdam/ in STEGO's layout: imgs/ID.mat ('img': H×W×4 uint8 RGB-IR), gt/ID.mat ('gt': H×W ISPRS
+    class ids), labelled_train.txt and labelled_test.txt. Returns {split: [ids]}."""
+    rng = np.random.default_rng(seed)
+    base = data_dir / "potsdam"
+    (base / "imgs").mkdir(parents=True, exist_ok=True)
+    (base / "gt").mkdir(parents=True, exist_ok=True)
+    splits = {"train": [f"tile_{i}" for i in range(n_train)], "val": [f"test_{i}" for i in range(n_val)]}
+    for split, ids in splits.items():
+        for shade, image_id in enumerate(ids):
+            rgb = gradient_image(POTSDAM_SIZE, shade)
+            infrared = rng.integers(0, 256, POTSDAM_SIZE + (1,), dtype=np.uint8)
+            savemat(base / "imgs" / f"{image_id}.mat", {"img": np.concatenate([rgb, infrared], axis=-1)})
+            savemat(base / "gt" / f"{image_id}.mat", {"gt": random_label(rng, POTSDAM_SIZE, range(7),
+                                                                         POTSDAM_PLANTED_OUT)})
+        listing = "labelled_train.txt" if split == "train" else "labelled_test.txt"
+        (base / listing).write_text("".join(f"{i}\n" for i in ids))
+    return splits
+
+
 def write_all(data_dir, seed=0):
-    """All three layouts under one data_dir (the five data sets read from them)."""
+    """All four layouts under one data_dir (the six data sets read from them)."""
     return {"cocostuff": write_cocostuff(data_dir, seed), "cityscapes": write_cityscapes(data_dir, seed),
-            "pascalvoc": write_pascalvoc(data_dir, seed)}
+            "pascalvoc": write_pascalvoc(data_dir, seed), "potsdam": write_potsdam(data_dir, seed)}
 
 
 def write_all_cropped(data_dir, seed=0):
-    """write_all, then the cropped training set of every data set; returns data_dir."""
+    """write_all, then the cropped training set of every data set that has one; returns data_dir."""
     write_all(data_dir, seed)
-    for name in DATASETS:
-        write_cropped_dataset(name, data_dir, progress=False)
+    for name, info in DATASETS.items():
+        if info.crop_type is not None:
+            write_cropped_dataset(name, data_dir, progress=False)
     return data_dir

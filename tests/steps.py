@@ -1,11 +1,12 @@
 """Running pipeline steps in-process on a tiny synthetic data set (shared by several tests)."""
 import torch
 
-from loader import write_cropped_dataset
 from loader.synthetic import make_synthetic_cocostuff
 from models import build_backbone
-from utils.cli import main
-from utils.io import save_torch
+from utils.engine.crop import write_cropped_dataset
+from utils.runtime.cli import main
+from utils.runtime.config import option_names
+from utils.runtime.io import save_torch
 
 STEP_SCRIPTS = {"mediator": (None,), "front_door": ("mlp", "tr"), "fine_tune": ("mlp", "tr"), "test": ("mlp", "tr")}
 
@@ -29,6 +30,19 @@ def step_args(data_dir, ckpt, out, resolution=64, codebook=16, projection=24, ex
             "--logs_root", str(out / "logs"), *extra]
 
 
+def only_for(step, args):
+    """The options of `args` that `step` has (as `bash run` routes them), in order."""
+    known = option_names(step)
+    kept, i = [], 0
+    while i < len(args):
+        name = args[i][2:].split("=")[0]
+        takes_value = "=" not in args[i] and i + 1 < len(args) and not args[i + 1].startswith("--")
+        if name in known:
+            kept += args[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    return kept
+
+
 def run_step(step, head, args):
-    """One step script's work, in this process (`main` of the script)."""
-    return main(step, head, list(args))
+    """One step script's work, in this process (`main` of the script), given the options it has."""
+    return main(step, head, only_for(step, list(args)))

@@ -7,11 +7,12 @@ import torch
 from conftest import load_golden
 from steps import make_tiny_setup, run_step, step_args
 
+from models import CheckpointError
 from modules.heads import SegmentModule
 from modules.probe import ClusterModule
-from utils.artifacts import ArtifactError, load_modular, load_state_strict
-from utils.config import parse_config
-from utils.paths import ArtifactPaths
+from utils.runtime.artifacts import ArtifactError, load_modular, load_state_strict
+from utils.runtime.config import parse_config
+from utils.runtime.paths import ArtifactPaths
 
 LAYOUT = load_golden("heads.pt")["layout"]
 
@@ -27,6 +28,9 @@ def test_artifact_paths_follow_the_official_layout():
     assert paths.modular == Path("CAUSE/cocostuff27/modularity/dino_vit_base_8/2048/modular.npy")
     assert paths.segment == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/segment_tr.pth")
     assert paths.cluster == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/cluster_tr.pth")
+    assert paths.fine_tuned_segment == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/segment_tr_fine_tuned.pth")
+    assert paths.record(paths.segment) == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/segment_tr.json")
+    assert paths.record(paths.modular) == paths.modular.with_name("modular.json")
     assert paths.results == Path("results/cocostuff27/TR/dino_vit_base_8/2048")
     with pytest.raises(ValueError, match="head"):
         _ = ArtifactPaths("cocostuff27", "dino_vit_base_8", 2048).segment
@@ -55,7 +59,7 @@ def test_epochs_follow_the_paper():
 
 
 def test_checkpoint_named_otherwise_needs_arch():
-    with pytest.raises(ValueError, match="dino_vit_base_8"):
+    with pytest.raises(CheckpointError, match="dino_vit_base_8"):
         parse_config("mediator", None, ["--ckpt", "weights/backbone.pth"])
     assert parse_config("mediator", None, ["--ckpt", "weights/backbone.pth", "--arch", "ibot_vit_base_16"]).dim == 768
 
@@ -99,7 +103,7 @@ def test_truncated_or_missing_files_are_explained(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="could not be read"):
         load_state_strict(ClusterModule(11, 32, 9, 5), path, "cluster probe", "fine_tuning_tr.py")
-    with pytest.raises(FileNotFoundError, match="run train_mediator.py first"):
+    with pytest.raises(ArtifactError, match="run train_mediator.py first"):
         load_modular(tmp_path / "absent.npy", 11, 32)
     np.save(tmp_path / "modular.npy", np.zeros((11, 48), np.float32))
     with pytest.raises(ArtifactError, match=r"expected \(11, 32\)"):

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import load_golden
+from conftest import bank_entries, load_golden
 
 from modules.bank import ConceptBank
 from modules.heads import SegmentModule
 from modules.losses import contrastive_loss, modularity_loss
-from utils import benchmark
-from utils.official_formulation import (OfficialBank, official_contrastive_loss, official_ema_update,
-                                        official_modularity_loss)
+from utils.tools import benchmark
+from utils.tools.official_formulation import (OfficialBank, official_contrastive_loss, official_ema_update,
+                                              official_modularity_loss)
 
 
 def value_and_grad(fn, leaf):
@@ -58,9 +58,10 @@ def test_bank_update_matches_official():
         values = torch.stack([torch.full((n,), float(step)), torch.arange(n, dtype=torch.float32),
                               index.float()], 1)
         # Both draw their random half from the same permutation.
-        bank.update(index, values, generator=torch.Generator().manual_seed(step))
-        official.update(index, values, order=torch.randperm(n, generator=torch.Generator().manual_seed(step)))
-        entries, expected = bank.entries(), official.entries()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(step))
+        bank.update(index, values, order=order)
+        official.update(index, values, order=order)
+        entries, expected = bank_entries(bank), official.entries()
         assert entries.keys() == expected.keys()
         for k in expected:
             assert torch.equal(entries[k], expected[k])

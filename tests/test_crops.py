@@ -8,9 +8,10 @@ import pytest
 from conftest import dead_pid
 from PIL import Image
 
-from loader import DATASETS, build_dataset, build_source_dataset, write_cropped_dataset
+from loader import DATASETS, DataError, build_dataset, build_source_dataset
 from loader.synthetic import PLANTED_FINE_IDS, make_synthetic_cocostuff
-from utils.cli import main
+from utils.engine.crop import write_cropped_dataset
+from utils.runtime.cli import main
 
 # cocostuff27 classes of the synthetic set's planted fine ids, from the official map.
 PLANTED_CLASSES_27 = {0: 9, 2: 11, 16: 7, 105: 23, 124: 21, 147: 26, 43: 5, 61: 3}
@@ -42,7 +43,7 @@ def data_dir(tmp_path_factory):
     return datagen.write_all_cropped(tmp_path_factory.mktemp("data"))
 
 
-@pytest.mark.parametrize("name", list(DATASETS))
+@pytest.mark.parametrize("name", [name for name, info in DATASETS.items() if info.crop_type])
 def test_crop_counts_sizes_order_and_labels(data_dir, name):
     info = DATASETS[name]
     crop_dir = data_dir / info.crop_dir
@@ -85,7 +86,7 @@ def test_interrupted_write_leaves_no_crop_dir(tmp_path):
     ids = datagen.write_cocostuff(tmp_path)
     image = tmp_path / "cocostuff" / "images" / "train2017" / f"{ids['train2017'][2]}.jpg"
     image.write_bytes(image.read_bytes()[:200])  # the third image fails after two were written
-    with pytest.raises(ValueError, match="cannot read image file"):
+    with pytest.raises(DataError, match="cannot read image file"):
         write_cropped_dataset("coco171", tmp_path, progress=False)
     assert list((tmp_path / "cocostuff" / "cropped").iterdir()) == []
 
@@ -144,3 +145,11 @@ def test_the_crop_step_skips_when_stego_crops_exist(tmp_path, capsys):
     main("crop", None, ["--dataset", "cocostuff27", "--data_dir", str(tmp_path)])
     assert "skipping" in capsys.readouterr().out
     assert not (tmp_path / "cocostuff").exists(), "nothing is cropped again"
+
+
+def test_the_crop_step_has_nothing_to_do_for_potsdam(tmp_path, capsys):
+    datagen.write_potsdam(tmp_path)
+    main("crop", None, ["--dataset", "potsdam3", "--data_dir", str(tmp_path)])
+    assert "nothing to crop" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "potsdam").iterdir()) == ["gt", "imgs", "labelled_test.txt",
+                                                                        "labelled_train.txt"]

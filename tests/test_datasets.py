@@ -8,10 +8,13 @@ import pytest
 import torch
 from conftest import GOLDEN, ROOT
 from PIL import Image
+from scipy.io import loadmat, savemat
 from torch.utils.data.distributed import DistributedSampler
 
-from loader import (DATASETS, DatasetLayoutError, build_dataset, build_loader, build_source_dataset, check_layout,
-                    write_cropped_dataset)
+from errors import UserError
+from loader import DATASETS, DataError, DatasetLayoutError, build_dataset, build_source_dataset, check_layout
+from loader.samplers import GlobalBatchSampler, evaluation_loader, share_of, training_loader
+from utils.engine.crop import write_cropped_dataset
 
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
@@ -36,6 +39,8 @@ def reference_class(name, stored):
         return -1 if stored == 255 else GOLDEN_MAPS[COCO_MAP_KEYS[name]].get(str(stored), 0)
     if name == "cityscapes":
         return stored - 7 if stored >= 7 else -1
+    if name == "potsdam3":
+        return datagen.POTSDAM_EXPECTED.get(stored, -1)
     return stored if stored <= 20 else -1
 
 
@@ -55,6 +60,9 @@ def reference_resize(array, res, square):
 
 
 def read(path):
+    if path.suffix == ".mat":
+        content = loadmat(path)
+        return content["img"][:, :, :3] if "img" in content else content["gt"]
     return np.array(Image.open(path).convert("RGB") if path.suffix == ".jpg" else Image.open(path))
 
 
@@ -69,7 +77,8 @@ def test_label_maps_in_repo_are_the_golden_ones():
 
 def test_dataset_table():
     assert {name: info.n_classes for name, info in DATASETS.items()} == {
-        "cocostuff27": 27, "cityscapes": 27, "pascalvoc": 21, "coco81": 81, "coco171": 171}
+        "cocostuff27": 27, "cityscapes": 27, "pascalvoc": 21, "coco81": 81, "coco171": 171, "potsdam3": 3}
+    assert [name for name, info in DATASETS.items() if info.crop_type is None] == ["potsdam3"]
     assert [name for name, info in DATASETS.items() if info.square_resize] == ["pascalvoc"]
     assert DATASETS["cityscapes"].palette == "cityscapes" and DATASETS["cityscapes"].weight_decay == 0.0
     assert DATASETS["pascalvoc"].fine_tune_clip is None
@@ -155,7 +164,7 @@ def test_legacy_stego_crop_dir_is_read_when_alone(tmp_path):
 
 
 def test_unknown_names():
-    with pytest.raises(ValueError, match="cocostuff27.*cityscapes.*pascalvoc.*coco81.*coco171"):
+    with pytest.raises(UserError, match="cocostuff27.*cityscapes.*pascalvoc.*coco81.*coco171.*potsdam3"):
         check_layout("coco", "data", "val")
     with pytest.raises(ValueError, match="split"):
         build_dataset("coco81", "data", "test", 20)
@@ -213,7 +222,7 @@ def test_corrupt_image_names_the_file(tmp_path, damage):
     image = tmp_path / "cocostuff" / "images" / "val2017" / f"{ids['val2017'][0]}.jpg"
     image.write_bytes(b"not an image" if damage == "garbage" else image.read_bytes()[:300])
     dataset = build_dataset("coco81", tmp_path, "val", 20)
-    with pytest.raises(ValueError, match=re.escape(f"cannot read image file {image}")):
+    with pytest.raises(DataError, match=re.escape(f"cannot read image file {image}")):
         dataset[0]
 
 
@@ -223,7 +232,7 @@ def test_label_out_of_range_names_file_and_value(tmp_path):
     stored = read(label)
     stored[5, 20] = 40  # labelId 40 -> class 33 of 27
     Image.fromarray(stored).save(label)
-    with pytest.raises(ValueError, match=re.escape(str(label)) + r".*\[40\].*\[33\].*27 classes"):
+    with pytest.raises(DataError, match=re.escape(str(label)) + r".*\[40\].*\[33\].*27 classes"):
         build_dataset("cityscapes", tmp_path, "val", 40)[0]
 
 
@@ -234,7 +243,7 @@ def test_crop_label_out_of_range(tmp_path):
     stored = read(label)
     stored[0, 0] = 22  # class 21 of 21
     Image.fromarray(stored).save(label)
-    with pytest.raises(ValueError, match=re.escape(str(label)) + r".*\[22\].*\[21\]"):
+    with pytest.raises(DataError, match=re.escape(str(label)) + r".*\[22\].*\[21\]"):
         build_dataset("pascalvoc", tmp_path, "train", 8)[3]
 
 
@@ -246,33 +255,91 @@ def test_crop_set_with_missing_label(tmp_path):
         check_layout("pascalvoc", tmp_path, "train")
 
 
-def test_training_loader_splits_indices_between_ranks():
-    dataset = list(range(10))
-    loaders = [build_loader(dataset, 3, shuffle=True, rank=rank, world_size=2, seed=4) for rank in (0, 1)]
-    seen = [torch.cat(list(loader)).tolist() for loader in loaders]
-    assert all(isinstance(loader.sampler, DistributedSampler) for loader in loaders)
-    assert len(seen[0]) == len(seen[1]) == 5 and sorted(seen[0] + seen[1]) == dataset
-    loaders[0].sampler.set_epoch(1)
-    assert torch.cat(list(loaders[0])).tolist() != seen[0]
+def official_rank_order(length, epoch, seed=0, replicas=4, rank=0):
+    sampler = DistributedSampler(list(range(length)), num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4, 8])
+def test_paper_batches_are_the_official_rank_0_quarter_split_over_the_processes(processes):
+    length, epoch = 203, 3  # 51 items per shard: three global batches of 16, then 3 items
+    samplers = [GlobalBatchSampler(length, 16, shards=4, shard=0, processes=processes, rank=rank, seed=5)
+                for rank in range(processes)]
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
+    per_rank = [list(sampler) for sampler in samplers]
+    assert {len(batches) for batches in per_rank} == {4}
+    official = official_rank_order(length, epoch, seed=5)
+    for index in range(4):
+        global_batch = sum((batches[index] for batches in per_rank), [])
+        assert global_batch == official[16 * index:16 * (index + 1)], "rank order concatenates to the global batch"
+        shares = [sampler.share(index) for sampler in samplers]
+        assert [share.rows for share in shares] == [len(batches[index]) for batches in per_rank]
+        assert [share.offset for share in shares] == [sum(s.rows for s in shares[:r]) for r in range(processes)]
+    assert samplers[0].samples_per_epoch() == 51 and len(samplers[0]) == 4
+
+
+def test_a_short_last_batch_can_leave_a_process_nothing():
+    assert [share_of(3, 8, rank).rows for rank in range(8)] == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert [share_of(16, 4, rank).offset for rank in range(4)] == [0, 4, 8, 12]
+
+
+def test_scaled_batches_read_every_item_once_per_epoch():
+    length = 23
+    seen = []
+    for rank in range(2):
+        sampler = GlobalBatchSampler(length, 4, shards=2, shard=rank, processes=1, rank=0, seed=0)
+        sampler.set_epoch(1)
+        batches = list(sampler)
+        assert sum(batches, []) == official_rank_order(length, 1, replicas=2, rank=rank)
+        seen += sum(batches, [])
+    assert set(seen) == set(range(length))
+
+
+def test_training_loader_gives_an_empty_batch_its_shapes(data_dir):
+    dataset = build_dataset("cocostuff27", data_dir, "train", 8)
+    sampler = GlobalBatchSampler(len(dataset), 4, shards=4, shard=0, processes=8, rank=7, seed=0)
+    batches = list(training_loader(dataset, sampler))
+    assert batches and all(batch["img"].shape == (0, 3, 8, 8) for batch in batches)
+    assert all(batch["label"].shape == (0, 8, 8) and batch["label"].dtype == torch.int64 for batch in batches)
+    sampler = GlobalBatchSampler(len(dataset), 4, shards=1, shard=0, processes=1, rank=0, seed=7)
+    first = next(iter(training_loader(dataset, sampler)))
+    assert first["img"].shape == (4, 3, 8, 8) and first["ind"].tolist() == official_rank_order(15, 0, 7, 1)[:4]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_evaluation_loader_reads_every_image_once(world_size):
     dataset = list(range(11))  # not a multiple of any world size above 1: DistributedSampler would pad
-    seen = [torch.cat(list(build_loader(dataset, 3, shuffle=False, rank=rank, world_size=world_size))).tolist()
-            for rank in range(world_size)]
+    seen = [torch.cat(list(evaluation_loader(dataset, 3, rank, world_size))).tolist() for rank in range(world_size)]
     assert sorted(sum(seen, [])) == dataset
     assert all(shard == sorted(shard) for shard in seen)
 
 
-def test_single_process_loader_is_seeded(data_dir):
-    dataset = build_dataset("cocostuff27", data_dir, "train", 8)
-    order = [torch.cat([batch["ind"] for batch in build_loader(dataset, 4, shuffle=True, seed=7)]).tolist()
-             for _ in range(2)]
-    assert order[0] == order[1] and sorted(order[0]) == list(range(15)) and order[0] != list(range(15))
-    batch = next(iter(build_loader(dataset, 4, shuffle=False)))
-    assert batch["img"].shape == (4, 3, 8, 8) and batch["label"].shape == (4, 8, 8)
-    assert batch["ind"].tolist() == [0, 1, 2, 3]
+def test_potsdam_reads_the_first_three_channels_and_maps_to_three_classes(data_dir):
+    image, label = build_source_dataset("potsdam3", data_dir, "train")[1]
+    assert image.mode == "RGB" and image.size == (40, 40)
+    np.testing.assert_array_equal(np.asarray(image), datagen.gradient_image(datagen.POTSDAM_SIZE, 1))
+    for (row, col), stored in datagen.POTSDAM_PLANTED_OUT.items():
+        assert label[row, col] == datagen.POTSDAM_EXPECTED[stored]
+    train = build_dataset("potsdam3", data_dir, "train", 20)
+    assert len(train) == 2, "Potsdam-3 trains on its images as they are, without crops"
+
+
+def test_malformed_potsdam_files_are_named(tmp_path):
+    datagen.write_potsdam(tmp_path)
+    image = tmp_path / "potsdam" / "imgs" / "test_0.mat"
+    image.write_bytes(b"not a MATLAB file")
+    with pytest.raises(DataError, match=re.escape(f"cannot read image file {image}")):
+        build_dataset("potsdam3", tmp_path, "val", 20)[0]
+    datagen.write_potsdam(tmp_path)
+
+    savemat(tmp_path / "potsdam" / "gt" / "test_0.mat", {"labels": np.zeros((40, 40), np.uint8)})
+    with pytest.raises(DataError, match="has no variable 'gt'"):
+        build_dataset("potsdam3", tmp_path, "val", 20)[0]
+    (tmp_path / "potsdam" / "labelled_test.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match="labelled_test.txt is missing"):
+        check_layout("potsdam3", tmp_path, "val")
 
 
 def test_check_layout_accepts_good_data(data_dir):

@@ -9,8 +9,8 @@ from steps import run_step, step_args
 
 from loader import build_dataset
 from modules.metrics import MatchedMetrics
-from utils.demo import prepare
-from utils.visualize import colorize
+from utils.tools.demo import prepare
+from utils.runtime.pictures import colorize
 
 
 def chance_levels(data_dir, resolution, n_classes, seed=0):

@@ -12,7 +12,7 @@ from steps import make_tiny_setup, step_args
 from modules.heads import SegmentModule
 from modules.losses import contrastive_loss
 from modules.quantize import quantize_index
-from utils.distributed import broadcast_parameters, launch
+from utils.runtime.distributed import broadcast_parameters, launch
 from utils.engine import Precision, labelled_cross_entropy, optimizer_step
 from utils.front_door import student_teacher_tokens
 

@@ -1,16 +1,18 @@
-"""The shared training step (utils/engine.optimizer_step) under fp16 loss scaling.
+"""The shared training step (utils/engine/loop.optimizer_step) under fp16 loss scaling.
 
 On a GPU the official recipe trains under fp16 autocast with a GradScaler. CI has no GPU, so
-these tests give the fp32 Precision an enabled CPU GradScaler: the scaling, unscaling before
-clipping and skipping of overflowing steps are the same code on either device.
+these tests run the same code with a CPU GradScaler: the scaling, unscaling before clipping
+and skipping of overflowing steps are the same code on either device.
 """
 import copy
 
 import torch
 
-from utils.engine import Precision, optimizer_step
+from utils.engine.loop import Precision, optimizer_step
+from utils.runtime.distributed import BatchGroup
 
 CPU = torch.device("cpu")
+GROUP = BatchGroup(shared=False)  # one process
 
 
 def scaled_precision(init_scale):
@@ -19,12 +21,15 @@ def scaled_precision(init_scale):
     return precision
 
 
-def test_precision_is_fp32_on_cpu():
-    for name in ("fp16", "bf16", "fp32"):
+def test_precision_auto_is_fp32_on_cpu_and_the_others_are_honoured():
+    expected = {"auto": (torch.float32, False), "fp32": (torch.float32, False), "fp16": (torch.float16, True),
+                "bf16": (torch.bfloat16, False)}
+    for name, (dtype, scaled) in expected.items():
         precision = Precision(name, CPU)
-        assert not precision.enabled and not precision.scaler.is_enabled()
+        assert precision.scaler.is_enabled() == scaled, name
         with precision.autocast():
-            assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+            assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == dtype, name
+    assert Precision("auto", torch.device("cuda", 0)).name == "fp16", "the official precision on a GPU"
 
 
 def test_loss_scaling_gives_the_unscaled_step_with_clipping():
@@ -39,7 +44,7 @@ def test_loss_scaling_gives_the_unscaled_step_with_clipping():
         # gradient, or stepped with it, would land elsewhere.
         optimizer = torch.optim.SGD(parameters, lr=0.1)
         loss = trained(inputs).pow(2).sum()
-        optimizer_step(loss, [optimizer], precision, parameters, (parameters, 0.5))
+        optimizer_step(loss, [optimizer], precision, GROUP, parameters, (parameters, 0.5))
         results.append([p.detach().clone() for p in parameters])
     moved = sum((after - before).norm() ** 2 for after, before in zip(results[0], model.parameters(), strict=True))
     torch.testing.assert_close(moved.sqrt(), torch.tensor(0.1 * 0.5))  # the step was clipped to norm 0.5
@@ -57,11 +62,11 @@ def test_an_overflowing_step_is_skipped_and_the_scale_lowered():
     # A finite loss whose scaled gradient overflows float32, as fp16 gradients overflow on a GPU.
     loss = model(torch.full((2, 4), 1e35)).sum()
     assert torch.isfinite(loss)
-    optimizer_step(loss, [optimizer], precision, parameters, (parameters, 1.0))
+    optimizer_step(loss, [optimizer], precision, GROUP, parameters, (parameters, 1.0))
     for p, p0 in zip(parameters, before, strict=True):
         assert torch.equal(p.detach(), p0)
     assert precision.scaler.get_scale() == 2.0 ** 15
 
     loss = model(torch.ones(2, 4)).sum()  # an ordinary step afterwards goes through
-    optimizer_step(loss, [optimizer], precision, parameters, (parameters, 1.0))
+    optimizer_step(loss, [optimizer], precision, GROUP, parameters, (parameters, 1.0))
     assert not torch.equal(parameters[0].detach(), before[0])

@@ -3,9 +3,11 @@ import pytest
 import torch
 from conftest import load_golden
 
+from loader.samplers import BatchShare
 from modules.grid import tokens_to_map
 from modules.heads import SegmentModule
 from modules.probe import ClusterModule, crf_log_probs
+from modules.randomness import BatchRandom
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +72,6 @@ def small(head_type):
 @pytest.mark.parametrize("head_type", ["mlp", "tr"])
 def test_ema_init_and_update(head_type):
     segment = small(head_type)
-    with torch.no_grad():
-        for p in segment.student_parameters():
-            p.add_(torch.randn_like(p))
-    segment.init_ema()
     pairs = [(segment.head, segment.head_ema), (segment.projection_head, segment.projection_head_ema)]
     for student, teacher in pairs:
         for s, t in zip(student.parameters(), teacher.parameters(), strict=True):
@@ -98,22 +96,50 @@ def test_student_parameters_exclude_ema():
     assert not student & ema
 
 
+def batch_random(rows, seed=0, dropout=True):
+    return BatchRandom(seed, BatchShare(0, rows, rows), "cpu", dropout=dropout)
+
+
 @pytest.mark.parametrize("head_type", ["mlp", "tr"])
-def test_dropout_only_in_train_mode(head_type):
+def test_dropout_only_when_a_dropout_function_is_given(head_type):
     segment = small(head_type)
     feat = torch.randn(2, 9, 16)
-    segment.eval()
     with torch.no_grad():
-        assert torch.equal(segment.head(feat, dropout=True), segment.head(feat, dropout=True))
-        segment.train()
-        assert not torch.equal(segment.head(feat, dropout=True), segment.head(feat, dropout=True))
+        plain = segment.head(feat)
+        assert torch.equal(plain, segment.head(feat)), "without dropout the head is deterministic"
+        dropped = segment.head(feat, batch_random(2).dropout)
+        assert not torch.allclose(dropped, plain)
+        assert torch.equal(dropped, segment.head(feat, batch_random(2).dropout)), "the same draws, the same masks"
+        # A dropout function that keeps everything runs the explicit attention path (TR): it must
+        # compute what nn.MultiheadAttention computes.
+        torch.testing.assert_close(segment.head(feat, batch_random(2, dropout=False).dropout), plain,
+                                   rtol=1e-5, atol=1e-6)
 
 
-def test_mlp_head_dropout_off_is_deterministic_in_train_mode():
-    segment = small("mlp").train()
+def test_tr_dropout_reaches_the_attention_weights():
+    segment = small("tr")
+    layer = segment.head.tr
     feat = torch.randn(2, 9, 16)
-    with torch.no_grad():
-        assert torch.equal(segment.head(feat), segment.head(feat))
+    seen = []
+
+    def recording(x, p):
+        seen.append((tuple(x.shape), p))
+        return x
+
+    segment.head(feat, recording)
+    shapes = [shape for shape, _ in seen]
+    assert shapes.count((2, 9, 9)) == 2, "self- and cross-attention weights"
+    assert {p for _, p in seen} == {layer.dropout}
+    assert len(seen) == 2 + 2 + 2 + 2, "attention weights, attention outputs, FFN inside and out, f1 and f2 inputs"
+
+
+def test_a_processes_rows_of_a_global_draw_are_the_whole_draws_rows():
+    # Two processes sharing a batch of 4 each draw [4, ...] and keep their rows: together they hold
+    # exactly what one process drawing for the whole batch holds.
+    whole = BatchRandom(7, BatchShare(0, 4, 4), "cpu").uniform((3, 5))
+    halves = [BatchRandom(7, BatchShare(offset, 2, 4), "cpu").uniform((3, 5)) for offset in (0, 2)]
+    assert torch.equal(torch.cat(halves), whole)
+    assert torch.equal(BatchRandom(7, BatchShare(0, 4, 4), "cpu", random_cut=False).permutation(5), torch.arange(5))
 
 
 def test_tr_head_rejects_wrong_token_count():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import dead_pid
 
-from utils.io import atomic_path, save_torch
+from utils.runtime.io import atomic_path, save_torch
 
 
 def test_an_interrupted_write_keeps_the_old_file(tmp_path):

@@ -13,7 +13,7 @@ from loader.synthetic import make_synthetic_cocostuff
 from models import build_backbone
 from modules.heads import SegmentModule
 from modules.probe import ClusterModule
-from utils.io import save_torch
+from utils.runtime.io import save_torch
 
 # 64-px crops on a patch-8 backbone: an 8×8 token grid, 2×2 after grid sampling.
 SMALL = ["--train_resolution", "64", "--test_resolution", "64", "--batch_size", "4", "--num_codebook", "16",

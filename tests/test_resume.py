@@ -12,7 +12,7 @@ from steps import make_tiny_setup, run_step, step_args
 import utils.front_door
 from loader import write_cropped_dataset
 from utils import front_door, mediator
-from utils.config import parse_config
+from utils.runtime.config import parse_config
 from utils.engine import ResumeState, artifact_paths
 
 

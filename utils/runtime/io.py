@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def owned_sibling(path, kind):
@@ -79,3 +80,9 @@ def save_numpy(array, path):
 def save_text(text, path):
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def save_png(array, path):
+    """A uint8 [H,W] or [H,W,3] array as a PNG file."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")

@@ -1,12 +1,11 @@
-"""Colour palettes and the prediction pictures of the evaluation (SPEC §6)."""
+"""Colour palettes and the prediction pictures of the test step and predict.py (SPEC §6)."""
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from loader.transforms import denormalize
+from utils.runtime.io import save_png
 
 # The official Cityscapes colours of the 27 evaluated classes, then black.
 _CITYSCAPES = (
@@ -17,17 +16,8 @@ _CITYSCAPES = (
     (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100),
     (0, 0, 230), (119, 11, 32), (0, 0, 0),
 )
-
-
-def denormalize(image):
-    """Undo ImageNet normalisation of a [3,H,W] tensor.
-
-    Written as torchvision's two Normalize steps (divide by 1/std, subtract -mean) rather
-    than x*std + mean, so that the CRF's 8-bit image is bit-identical to the official one.
-    """
-    inv_std = torch.tensor([1 / s for s in IMAGENET_STD], dtype=image.dtype, device=image.device)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device)
-    return image / inv_std[:, None, None] + mean[:, None, None]
+# PriMaPs' colours of Potsdam-3's road, building and vegetation, then black.
+_POTSDAM = ((58, 0, 68), (0, 130, 122), (255, 230, 0), (0, 0, 0))
 
 
 def _pascal():
@@ -42,12 +32,14 @@ def _pascal():
 
 
 def palette(name):
-    """uint8 [C,3] colours: "pascal" (512 entries) or "cityscapes" (27 classes + black)."""
+    """uint8 [C,3] colours: "pascal" (512 entries), "cityscapes" (27 classes + black) or "potsdam" (3 + black)."""
     if name == "pascal":
         return _pascal()
     if name == "cityscapes":
         return np.array(_CITYSCAPES, dtype=np.uint8)
-    raise ValueError(f"unknown palette {name!r}: use 'pascal' or 'cityscapes'")
+    if name == "potsdam":
+        return np.array(_POTSDAM, dtype=np.uint8)
+    raise ValueError(f"unknown palette {name!r}: use 'pascal', 'cityscapes' or 'potsdam'")
 
 
 def _numpy(x):
@@ -82,8 +74,6 @@ def prediction_pictures(image, label, raw_pred, crf_pred, palette_name):
 
 
 def save_pictures(out_dir, index, pictures):
-    """Write out_dir/<folder>/<index>.png for each {folder: uint8 picture}."""
+    """Write out_dir/<folder>/<index>.png for each {folder: uint8 picture}, each whole or not at all."""
     for folder, picture in pictures.items():
-        path = Path(out_dir) / folder
-        path.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(picture).save(path / f"{index}.png")
+        save_png(picture, Path(out_dir) / folder / f"{index}.png")

@@ -46,16 +46,20 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from loader.samplers import BatchShare
 from models import build_backbone
 from modules.bank import ConceptBank
 from modules.grid import grid_sample_tokens
 from modules.heads import SegmentModule
-from modules.losses import contrastive_loss, modularity_loss
+from modules.losses import probe_cross_entropy
 from modules.quantize import quantize_index
-from utils.engine import Precision, backbone_tokens, optimizer_step
-from utils.front_door import student_teacher_tokens
-from utils.official_formulation import (OfficialBank, official_contrastive_loss, official_ema_update,
-                                        official_modularity_loss)
+from modules.randomness import BatchRandom
+from utils.engine.front_door import FrontDoorTraining, student_teacher_tokens
+from utils.engine.loop import Precision, backbone_tokens, optimizer_step
+from utils.engine.mediator import MediatorTraining
+from utils.runtime.distributed import BatchGroup
+from utils.tools.official_formulation import (OfficialBank, official_contrastive_loss, official_ema_update,
+                                              official_modularity_loss)
 
 
 @dataclass(frozen=True)
@@ -163,24 +167,37 @@ def peak_bytes(step, device):
     return peak
 
 
+def step_random(tokens, step):
+    """A BatchRandom for one benchmark step of the whole batch in one process."""
+    return BatchRandom(step, BatchShare(0, tokens.shape[0], tokens.shape[0]), tokens.device)
+
+
 def mediator_steps(tokens, num_codebook, precision):
     """(project step, official step): grid sampling, modularity loss, backward, Adam on the clusterbook."""
-    def make(loss_fn):
+    group = BatchGroup(shared=False)
+
+    def clusterbook():
         codebook = torch.empty(num_codebook, tokens.shape[-1], device=tokens.device)
-        codebook.uniform_(-1 / num_codebook, 1 / num_codebook).requires_grad_(True)
-        optimizer = torch.optim.Adam([codebook], lr=LR)
+        return torch.nn.Parameter(codebook.uniform_(-1 / num_codebook, 1 / num_codebook))
 
-        def step():
-            loss = loss_fn(codebook, grid_sample_tokens(tokens)[0])
-            optimizer_step(loss, [optimizer], precision, [codebook])
-        return step
+    codebook = clusterbook()
+    optimizer = torch.optim.Adam([codebook], lr=LR)
+    training = MediatorTraining(codebook, optimizer, None, precision, group, grid=True)
+    steps = iter(range(10**9))
 
-    # The project's loss runs in float32 whatever the autocast; the official one runs
-    # under the training autocast, as in the official mediator script.
-    def official(codebook, sampled):
+    def project_step():  # the mediator's own training step
+        random = step_random(tokens, next(steps))
+        training.update(training.losses(tokens, None, random), random)
+
+    official_codebook = clusterbook()
+    official_optimizer = torch.optim.Adam([official_codebook], lr=LR)
+
+    # The official loss runs under the training autocast, as in the official mediator script.
+    def official_step():
         with precision.autocast():
-            return official_modularity_loss(codebook, sampled)
-    return make(modularity_loss), make(official)
+            loss = official_modularity_loss(official_codebook, grid_sample_tokens(tokens)[0])
+        optimizer_step(loss, [official_optimizer], precision, group, [official_codebook])
+    return project_step, official_step
 
 
 def full_bank_entries(shapes, device):
@@ -192,40 +209,40 @@ def full_bank_entries(shapes, device):
 def front_door_steps(head_type, tokens, codebook, shapes, precision):
     """(project step, official step) for one head type, each with its own head, optimiser and full bank."""
     device = tokens.device
+    group = BatchGroup(shared=False)
     segment = SegmentModule(head_type, tokens.shape[-1], projection_dim=shapes.projection_dim,
                             num_queries=tokens.shape[1] if head_type == "tr" else None).to(device)
     segment.set_codebook(codebook)
-    segment.train()
     official_segment = copy.deepcopy(segment)
     entries = full_bank_entries(shapes, device)
     bank = ConceptBank.from_entries(entries, shapes.num_codebook, shapes.bank_capacity)
     official_bank = OfficialBank.from_entries(entries, shapes.num_codebook, shapes.bank_capacity)
     del entries
+    # Both sides train the labelled probe too, on labels of the images' size.
+    labels = torch.zeros(tokens.shape[0], shapes.resolution, shapes.resolution, dtype=torch.int64, device=device)
 
-    def optimiser(module):
-        trained = [p for p in module.parameters() if p.requires_grad]
-        return trained, torch.optim.Adam(trained, lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.Adam(segment.student_parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    training = FrontDoorTraining(segment, codebook, bank, optimizer, CLIP[head_type], precision, group, 27, True)
+    steps = iter(range(10**9))
 
-    trained, optimizer = optimiser(segment)
-    official_trained, official_optimizer = optimiser(official_segment)
+    def project_step():  # the front door's own training step
+        random = step_random(tokens, next(steps))
+        training.update(training.losses(tokens, labels, random), random)
 
-    # As utils/front_door.py's training step, less the labelled probe.
-    def project_step():
-        with precision.autocast():
-            sampled, student_proj, teacher_proj, _ = student_teacher_tokens(segment, tokens, grid=True)
-            prototype = quantize_index(sampled, codebook)
-            loss = contrastive_loss(sampled, student_proj, teacher_proj, codebook, bank, index=prototype)
-        optimizer_step(loss, [optimizer], precision, trained, (trained, CLIP[head_type]))
-        segment.update_ema()
-        bank.update(prototype.flatten(), teacher_proj.detach().flatten(0, 1).float())
+    official_trained = list(official_segment.student_parameters())
+    official_optimizer = torch.optim.Adam(official_trained, lr=LR, weight_decay=WEIGHT_DECAY)
 
-    # As the official training step, less the labelled probe: the bank is flattened inside
-    # the loss, and the update quantises the tokens again, after the autocast block.
+    # As the official training step: the bank is flattened inside the loss, and the update
+    # quantises the tokens again, after the autocast block.
     def official_step():
+        random = step_random(tokens, next(steps))
         with precision.autocast():
-            sampled, student_proj, teacher_proj, _ = student_teacher_tokens(official_segment, tokens, grid=True)
+            sampled, student_proj, teacher_proj, probe_features = student_teacher_tokens(
+                official_segment, tokens, True, random)
             loss = official_contrastive_loss(sampled, student_proj, teacher_proj, codebook, official_bank)
-        optimizer_step(loss, [official_optimizer], precision, official_trained,
+            probe, _, counted = probe_cross_entropy(official_segment.linear(probe_features), labels, 27)
+            loss = loss + probe / counted
+        optimizer_step(loss, [official_optimizer], precision, group, official_trained,
                        (official_trained, CLIP[head_type]))
         official_ema_update(official_segment.head, official_segment.head_ema)
         official_ema_update(official_segment.projection_head, official_segment.projection_head_ema)
@@ -245,7 +262,7 @@ def bank_update_steps(index, shapes):
     return (lambda: bank.update(index, values)), (lambda: official_bank.update(index, values))
 
 
-def run(shapes, device, steps, warmup, precision_name="fp16", measures=MEASURE_GROUPS):
+def run(shapes, device, steps, warmup, precision_name="auto", measures=MEASURE_GROUPS):
     """Measure each of `measures` (MEASURE_GROUPS) once; returns the results dict that --json writes.
 
     The backbone forward is always measured. Each measure's figures are printed as soon as
@@ -256,8 +273,7 @@ def run(shapes, device, steps, warmup, precision_name="fp16", measures=MEASURE_G
     images = torch.randn(shapes.batch, 3, shapes.resolution, shapes.resolution, device=device)
 
     def forward():
-        with precision.autocast():
-            return backbone_tokens(backbone, images)
+        return backbone_tokens(backbone, images, precision)
 
     backbone_s = median_seconds({"backbone": forward}, device, steps, warmup)["backbone"]
     tokens = forward().float()
@@ -298,8 +314,7 @@ def run(shapes, device, steps, warmup, precision_name="fp16", measures=MEASURE_G
     results.update({
         "device": device_name(device),
         "device_type": device.type,
-        "precision": "fp16 autocast + loss scaling" if precision.enabled and precision_name == "fp16"
-        else "bf16 autocast" if precision.enabled else "fp32",
+        "precision": {"fp16": "fp16 autocast + loss scaling", "bf16": "bf16 autocast"}.get(precision.name, "fp32"),
         "shapes": {**asdict(shapes), "token_grid": [side, side], "dim": dim,
                    "sampled_tokens_per_image": sampled.shape[1],
                    "prototypes_hit_per_step": int(index.unique().numel()),
@@ -370,8 +385,8 @@ def parse_args(argv=None):
                       help="reduced shapes for a CPU (default on CPU)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measure")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16",
-                        help="autocast on CUDA as in training (CPU always runs fp32)")
+    parser.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                        help="as in training; auto: fp16 autocast with loss scaling on CUDA, fp32 on CPU")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     parser.add_argument("--measures", nargs="+", choices=MEASURE_GROUPS, default=list(MEASURE_GROUPS),
                         help="measure only these (default: all)")

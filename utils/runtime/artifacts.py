@@ -10,16 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from errors import UserError
 
-class ArtifactError(ValueError):
-    pass
+
+class ArtifactError(UserError):
+    """An artifact of an earlier step is missing, unreadable, or does not fit this run."""
 
 
 def require(path, produced_by):
     """Stop early when an earlier step's artifact is missing, naming the step to run."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist: run {produced_by} first "
-                                f"(or place the released CAUSE file there)")
+        raise ArtifactError(f"{path} does not exist: run {produced_by} first "
+                            f"(or place the released CAUSE file there)")
 
 
 def load_modular(path, num_codebook, dim):
@@ -27,7 +29,7 @@ def load_modular(path, num_codebook, dim):
     require(path, "train_mediator.py")
     try:
         codebook = np.load(path)
-    except (ValueError, OSError, EOFError) as err:
+    except (ValueError, OSError, EOFError) as err:  # what np.load raises for a damaged file
         raise ArtifactError(f"{path} is not a readable .npy file ({err}); "
                             f"delete it and rerun train_mediator.py") from err
     if codebook.shape != (num_codebook, dim):

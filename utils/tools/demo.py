@@ -1,20 +1,16 @@
 """The embedded demo: synthetic data and a stand-in backbone, so `bash run` works with no downloads.
 
-`python -m utils.demo prepare --root demo` writes
-  demo/data/cocostuff/...              a synthetic data set in the real cocostuff layout (SPEC §2)
-  demo/checkpoint/dino_vit_tiny_8.pth  a randomly initialised ViT-Tiny/8 in the DINO release layout
-and prints shell assignments (DEMO_DATA_DIR, DEMO_CKPT, DEMO_ARGS) that `run` evaluates.
+`prepare(root)` (called by `bash run demo`) writes, once,
+  root/data/cocostuff/...              a synthetic data set in the real cocostuff layout (SPEC §2)
+  root/checkpoint/dino_vit_tiny_8.pth  a ViT-Tiny/8 with the project's stand-in weights, DINO release layout
+and returns them with the options that size the run for a CPU.
 The demo's numbers check the pipeline on synthetic images; they are not the paper's.
 """
-import argparse
-import shlex
 from pathlib import Path
 
-import torch
-
 from loader.synthetic import make_synthetic_cocostuff
-from models import build_backbone
-from utils.io import save_torch
+from models import stand_in_release
+from utils.runtime.io import save_torch
 
 DEMO_ARCH = "dino_vit_tiny_8"
 
@@ -32,23 +28,7 @@ def prepare(root, n_train=24, n_val=12, image_size=192, seed=0):
         make_synthetic_cocostuff(data_dir, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
     ckpt = root / "checkpoint" / f"{DEMO_ARCH}.pth"
     if not ckpt.is_file():
-        torch.manual_seed(seed)
-        save_torch(build_backbone(DEMO_ARCH).state_dict(), ckpt)
+        save_torch(stand_in_release(DEMO_ARCH), ckpt)
     options = DEMO_OPTIONS + ["--output_root", str(root / "CAUSE"), "--results_root", str(root / "results"),
                               "--logs_root", str(root / "logs")]
     return data_dir, ckpt, options
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["prepare"])
-    parser.add_argument("--root", type=Path, default=Path("demo"))
-    args = parser.parse_args()
-    data_dir, ckpt, options = prepare(args.root)
-    print(f"DEMO_DATA_DIR={shlex.quote(str(data_dir))}")
-    print(f"DEMO_CKPT={shlex.quote(str(ckpt))}")
-    print(f"DEMO_ARGS={shlex.quote(' '.join(options))}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,60 @@
+"""The random draws of one training step: dropout masks, grid positions, the concept bank's cut.
+
+Every draw is made for the whole *global batch* (loader/samplers.py) from a generator that all
+processes sharing that batch seed alike, and each process keeps its own rows. A step therefore
+draws the same numbers whether one process or eight share the batch, and the paper recipe gives
+one trajectory on any process count. The generator is seeded from (run seed, epoch, batch), so a
+resumed run draws what the uninterrupted one would without saving generator states.
+"""
+import hashlib
+
+import torch
+
+
+def mixed_seed(*words):
+    """A 63-bit seed from integers, well spread even for neighbouring inputs."""
+    digest = hashlib.sha256(repr(tuple(int(w) for w in words)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class BatchRandom:
+    """Draws of one step. `share` is the process's BatchShare (offset, rows, global_rows).
+
+    dropout=False turns every dropout off and random_cut=False makes the bank keep the first half
+    of each prototype's tokens in (image, token) order: the settings the official loops were
+    recorded with (tests/golden/README.md, trajectory.pt).
+    """
+
+    def __init__(self, seed, share, device, dropout=True, random_cut=True):
+        self.share = share
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = torch.device(device)
+        self.dropout_on = dropout
+        self.random_cut = random_cut
+
+    def _rows(self, draw):
+        """This process's rows of a draw made for the global batch."""
+        start = self.share.offset
+        return draw[start:start + self.share.rows]
+
+    def uniform(self, shape):
+        """[rows, *shape] uniform [0, 1) numbers: this process's rows of [global_rows, *shape]."""
+        return self._rows(torch.rand((self.share.global_rows, *shape), generator=self.generator, device=self.device))
+
+    def integers(self, high, shape):
+        """[rows, *shape] integers in [0, high), drawn as uniform() is."""
+        draw = torch.randint(high, (self.share.global_rows, *shape), generator=self.generator, device=self.device)
+        return self._rows(draw)
+
+    def dropout(self, x, p):
+        """Inverted dropout of x [rows, ...] with probability p (the identity when dropout is off)."""
+        if not self.dropout_on or p == 0:
+            return x
+        keep = self.uniform(x.shape[1:]) >= p
+        return x * keep.to(x.dtype) / (1 - p)
+
+    def permutation(self, n):
+        """A permutation of n items that are the same on every process (drawn whole, not by rows)."""
+        if not self.random_cut:
+            return torch.arange(n, device=self.device)
+        return torch.randperm(n, generator=self.generator, device=self.device)

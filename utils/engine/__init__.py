@@ -1,0 +1,18 @@
+"""One engine per step, and the loop the training steps share (loop.py).
+
+    crop        crop.py         the cropped training sets (SPEC §2)
+    mediator    mediator.py     the concept clusterbook (SPEC §3)
+    front_door  front_door.py   the segmentation head (SPEC §4)
+    fine_tune   fine_tune.py    the cluster probe (SPEC §5)
+    test        evaluate.py     prediction, CRF, metrics (SPEC §6)
+
+Each module has `run(cfg)`; `engine(step)` imports only the one asked for, so `--help` stays fast.
+"""
+import importlib
+
+MODULES = {"crop": "crop", "mediator": "mediator", "front_door": "front_door", "fine_tune": "fine_tune",
+           "test": "evaluate"}
+
+
+def engine(step):
+    return importlib.import_module(f"utils.engine.{MODULES[step]}")

@@ -1,0 +1,3 @@
+"""Infrastructure every step uses: options (config), the command-line entry (cli), processes
+(distributed), artifact paths (paths), run records and fingerprints (records), strict artifact
+loading (artifacts), atomic I/O (io) and prediction pictures (pictures)."""

@@ -1,0 +1,241 @@
+"""Every distributed helper, in one module.
+
+A training step runs as one process per GPU (NCCL) or per CPU worker (gloo). Three ways in:
+  * `torchrun ...`: the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) says who we are;
+  * `--gpu 0,1,2,3`: this module spawns one process per listed GPU;
+  * `--nproc N` without GPUs: N CPU processes with gloo (how the tests check multi-process runs).
+Trained modules are never wrapped in DDP: the step engines call their parts separately
+(student, EMA teacher, probe), so gradients are reduced explicitly after backward
+(`BatchGroup.reduce_gradients`), without the unwrapping that made each official process train alone.
+
+A user error (errors.UserError) raised in a spawned process reaches the user as the same one
+line as in a single process: the process hands its message to the launcher and exits, the
+launcher stops the others and raises it again. Under torchrun the process that raised prints it.
+"""
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from errors import UserError
+
+DEBUG_VARIABLE = "CAUSE_DEBUG"  # set to 1: user errors keep their traceback, in every process
+
+
+class LaunchError(UserError):
+    """The processes of a run cannot be started as asked (busy port, absent GPUs)."""
+
+
+def debugging():
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def under_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def torchrun_rank():
+    """This process's rank under torchrun, 0 otherwise."""
+    return int(os.environ["RANK"]) if under_torchrun() else 0
+
+
+def launch(worker, cfg):
+    """Run `worker(cfg, dist_info)` in every process of the run and return rank 0's result."""
+    if under_torchrun():
+        return _run_process(int(os.environ["LOCAL_RANK"]), worker, cfg, None, None)
+    gpus = requested_gpus(cfg.gpu)
+    world_size = len(gpus) if gpus else cfg.nproc
+    if world_size == 1:
+        return worker(cfg, Dist(0, 1, _device(gpus[0] if gpus else None)))
+    _check_port_free(cfg.port)
+    results = mp.get_context("spawn").Manager().dict()
+    try:
+        mp.spawn(_run_process, args=(worker, cfg, gpus, results), nprocs=world_size, join=True)
+    except mp.ProcessExitedException:
+        # A process exits on its own only through a user error, whose message it left here; any
+        # other death (killed, out of memory) is reported as torch's launcher reports it.
+        if "user_error" in results:
+            raise UserError(results["user_error"]) from None
+        raise
+    return results.get("result")
+
+
+def launch_single(worker, cfg):
+    """Run `worker(cfg, dist_info)` in this one process: on the first GPU of --gpu, else the first
+    visible GPU, else the CPU. Under torchrun only rank 0 works; the other ranks return None."""
+    if torchrun_rank() != 0:
+        return None
+    gpus = requested_gpus(cfg.gpu)
+    return worker(cfg, Dist(0, 1, _device(gpus[0] if gpus else None)))
+
+
+def _device(gpu):
+    if gpu is None:
+        return torch.device("cpu")
+    device = torch.device("cuda", gpu)
+    torch.cuda.set_device(device)
+    return device
+
+
+def _run_process(local_rank, worker, cfg, gpus, results):
+    if gpus is None:  # torchrun
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        gpu = local_rank if torch.cuda.is_available() else None
+    else:
+        rank, world_size = local_rank, len(gpus) if gpus else cfg.nproc
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(cfg.port)
+        gpu = gpus[local_rank] if gpus else None
+    device = _device(gpu)
+    dist.init_process_group("nccl" if gpu is not None else "gloo", rank=rank, world_size=world_size,
+                            **({"device_id": device} if gpu is not None else {}))
+    try:
+        result = worker(cfg, Dist(rank, world_size, device))
+        if results is not None and rank == 0:
+            results["result"] = result
+        return result
+    except UserError as err:
+        if results is None or debugging():
+            err.raised_in_worker = True  # torchrun: the command line's handler prints it, on this rank
+            raise
+        results.setdefault("user_error", str(err))
+        sys.exit(2)
+    finally:
+        dist.destroy_process_group()
+
+
+def requested_gpus(spec):
+    """GPU indices from --gpu ('0,1,2,3'); all visible GPUs when not given; none on a CPU machine."""
+    available = torch.cuda.device_count()
+    if spec is None or spec == "":
+        return list(range(available)) if available else []
+    if spec.lower() == "cpu":
+        return []
+    try:
+        gpus = [int(g) for g in spec.split(",")]
+    except ValueError:
+        raise LaunchError(f"--gpu expects comma-separated GPU indices such as 0,1,2,3; got {spec!r}") from None
+    missing = [g for g in gpus if not 0 <= g < available]
+    if missing:
+        raise LaunchError(f"--gpu {spec} names GPU(s) {missing}, but this machine has {available} "
+                          f"(indices 0..{available - 1})" if available else
+                          f"--gpu {spec} names GPU(s) {missing}, but no CUDA GPU is visible; omit --gpu to run on CPU")
+    return gpus
+
+
+def process_count(cfg):
+    """How many processes a training step of `cfg` runs as."""
+    if under_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    gpus = requested_gpus(cfg.gpu)
+    return len(gpus) if gpus else cfg.nproc
+
+
+def _check_port_free(port):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise LaunchError(f"port {port} is already in use (another run?); pass a free one with --port") from None
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over all processes in place and return it."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_parameters(module, src=0):
+    """Make every process start from rank `src`'s weights (random inits differ per process)."""
+    if is_initialized():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+
+
+class BatchGroup:
+    """The processes that share one global batch (loader/samplers.py): all of them in the paper
+    recipe, each process alone in the scaled recipe. `row_counts` are the rows of the current
+    global batch that each process of the group holds, in rank order."""
+
+    def __init__(self, shared):
+        self.shared = shared and world_size() > 1
+        self.row_counts = None
+
+    def set_rows(self, row_counts):
+        self.row_counts = list(row_counts)
+
+    def sum(self, tensor):
+        """Sum over the group, in place (the identity when a process is its own group)."""
+        if self.shared:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def gather(self, tensor):
+        """The group's rows of `tensor` [rows, ...] concatenated in rank order: the whole global batch."""
+        if not self.shared:
+            return tensor
+        most = max(self.row_counts)
+        padded = tensor.new_zeros((most, *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        slots = tensor.new_empty((len(self.row_counts) * most, *tensor.shape[1:]))
+        dist.all_gather_into_tensor(slots, padded.contiguous())
+        parts = slots.split(most)
+        return torch.cat([part[:rows] for part, rows in zip(parts, self.row_counts, strict=True)])
+
+    def reduce_gradients(self, parameters):
+        """Make every process hold the same gradients: summed over a shared batch (each process
+        computed its part of one loss), averaged over independent batches (as DDP does).
+
+        The flat buffer has a slot for every parameter on every process, zeros where a process has no
+        gradient, and a last segment counting the processes that had one: a parameter keeps a
+        gradient when any process had one, and all processes send buffers of one size (a parameter
+        without a gradient on one rank must not change the collective's shape: NCCL would hang).
+        """
+        if not is_initialized() or world_size() == 1:
+            return
+        parameters = list(parameters)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        had = torch.tensor([p.grad is not None for p in parameters], dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [had])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if not self.shared:
+            flat[:-len(parameters)] /= world_size()
+        offset = 0
+        for p, count in zip(parameters, flat[-len(parameters):].tolist(), strict=True):
+            values = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if count == 0:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = values.clone()
+            else:
+                p.grad.copy_(values)

@@ -1,0 +1,141 @@
+"""`bash run`: every step of CAUSE for one dataset, head and backbone, each with its own options.
+
+    bash run [demo] [--head tr|mlp] [OPTION ...]
+
+An option goes to the steps it is meant for: `--front_door.epochs 2` to that step alone, `--epochs 1`
+to every step that has an --epochs option, shared options (--dataset, --data_dir, --ckpt, --seed,
+--precision, ...) to every step. An option no step knows, or a value a step refuses, stops the run
+before any step starts. The environment gives defaults: DATASET, HEAD, CKPT, DATA_DIR, GPU.
+Each step skips work whose output is up to date and resumes an interrupted one (README).
+"""
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from errors import UserError
+from utils.runtime.config import HEADS, OPTIONS, option_names, options_of, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINE = ("crop", "mediator", "front_door", "fine_tune", "test")
+SCRIPTS = {"crop": "crop_dataset.py", "mediator": "train_mediator.py", "front_door": "train_front_door_{head}.py",
+           "fine_tune": "fine_tuning_{head}.py", "test": "test_{head}.py"}
+HEAD_STEPS = ("front_door", "fine_tune", "test")
+ENVIRONMENT = {"DATASET": "dataset", "CKPT": "ckpt", "DATA_DIR": "data_dir", "GPU": "gpu"}
+# Options that name one step's own work: given without a step they would redo more than meant.
+STEP_ONLY = {"restart"}
+
+
+class PipelineError(UserError):
+    pass
+
+
+def _takes_value(name):
+    option = next(o for o in OPTIONS if o.flags[0] == f"--{name}")
+    return option.kwargs.get("action") != "store_true"
+
+
+def route(tokens, steps):
+    """{step: argv} from `bash run`'s option tokens (after `demo` and --head are taken out)."""
+    routed = {step: [] for step in steps}
+    known = {step: option_names(step) for step in steps}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise PipelineError(f"unexpected argument {token!r}: options look like --name value or "
+                                f"--step.name value (bash run --help)")
+        name, has_value, value = token[2:].partition("=")
+        step, dot, option = name.rpartition(".")
+        if dot and step not in steps:
+            raise PipelineError(f"--{name}: no step {step!r} in this pipeline; steps: {', '.join(steps)}")
+        targets = [step] if dot else [s for s in steps if option in known[s]]
+        if not targets or (dot and option not in known[step]):
+            where = f"step {step!r}" if dot else "no step"
+            raise PipelineError(f"unknown option --{name}: {where} knows --{option} (bash run --help lists them)")
+        if not dot and option in STEP_ONLY:
+            raise PipelineError(f"--{option} redoes one step: say which, e.g. --front_door.{option} (later steps "
+                                f"rerun by themselves, as their inputs change); --crop.{option} remakes the crops")
+        argv = [f"--{option}"]
+        if _takes_value(option):
+            if not has_value:
+                if i + 1 >= len(tokens):
+                    raise PipelineError(f"--{name} needs a value")
+                i += 1
+                value = tokens[i]
+            argv.append(value)
+        elif has_value:
+            raise PipelineError(f"--{name} is a switch and takes no value")
+        for target in targets:
+            routed[target] += argv
+        i += 1
+    return routed
+
+
+def usage():
+    lines = [__doc__.strip(), "", "pipeline options:", "  demo                 run on the embedded demo data (default when no data is configured)",
+             f"  --head {{{','.join(HEADS)}}}       the segmentation head (default tr)", "",
+             "step options (--NAME for every step that has it, --STEP.NAME for one):"]
+    for option in OPTIONS:
+        name = option.flags[0]
+        steps = [s for s in PIPELINE if s in option.steps]
+        help_text = option.kwargs.get("help", "")
+        lines.append(f"  {name:<20} [{', '.join(steps)}] {help_text}".rstrip())
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in tokens or "-h" in tokens:
+        print(usage())
+        return 0
+    demo = bool(tokens) and tokens[0] == "demo"
+    if demo:
+        tokens = tokens[1:]
+    head = os.environ.get("HEAD", "tr")
+    rest = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i] == "--head":
+            if i + 1 >= len(tokens):
+                raise PipelineError("--head needs a value: mlp or tr")
+            head = tokens[i + 1]
+            i += 2
+            continue
+        if tokens[i].startswith("--head="):
+            head = tokens[i].split("=", 1)[1]
+        else:
+            rest.append(tokens[i])
+        i += 1
+    if head not in HEADS:
+        raise PipelineError(f"--head must be mlp or tr, got {head!r}")
+    defaults = [f"--{option}={os.environ[variable]}" for variable, option in ENVIRONMENT.items()
+                if os.environ.get(variable)]
+    data_given = any(t.split("=")[0].endswith("data_dir") for t in rest + defaults) or os.environ.get("CAUSE_DATA_DIR")
+    if not demo and not data_given and not (ROOT / "data").is_dir():
+        print("No data directory configured (--data_dir, DATA_DIR, or ./data): running the demo.")
+        print("It checks the pipeline on synthetic data; see README.md for a real run.")
+        demo = True
+    if demo:
+        from utils.tools.demo import prepare
+        data_dir, ckpt, options = prepare(ROOT / "demo")
+        defaults = [*options, f"--data_dir={data_dir}", f"--ckpt={ckpt}", "--dataset=cocostuff27"]
+    routed = route(defaults + rest, PIPELINE)
+    for step in PIPELINE:  # every step's options are checked before the first one starts
+        parse_config(step, head if step in HEAD_STEPS else None, routed[step])
+    for step in PIPELINE:
+        command = [sys.executable, SCRIPTS[step].format(head=head), *routed[step]]
+        print("+ " + shlex.join(command[1:]), flush=True)
+        done = subprocess.run(command, cwd=ROOT)
+        if done.returncode:
+            return done.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as err:
+        print(f"error [run]: {err}", file=sys.stderr)
+        sys.exit(2)

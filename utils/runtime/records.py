@@ -1,0 +1,173 @@
+"""Records of what made each artifact, the fingerprints they hold, and whether a step is up to date.
+
+Beside every artifact a JSON record with the same stem (`segment_tr.json` beside `segment_tr.pth`)
+says how it was made: the step's settings and recipe, the fingerprints of everything it read (the
+backbone file, the earlier steps' artifacts, the data lists), whether the run that wrote it finished
+all its epochs, the project's version. A step is "already done" when its artifact's record is
+complete and was made from exactly the current inputs and settings; otherwise it says what changed
+and runs again (or, with --if_changed refuse, stops). Released CAUSE files have no record: they are
+used as they are and recorded as "released" by whatever reads them.
+
+Fingerprints are SHA-256 hashes of file contents, cached by path, size and modification time (a
+checkpoint is hashed once); a data list is fingerprinted by its files' names (relative to the data
+folder) and sizes, recomputed only when one of their folders changed.
+"""
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from errors import UserError
+from utils.runtime.io import save_text
+
+_CHUNK = 1 << 22
+
+
+class StaleInputError(UserError):
+    """An input changed since an artifact was made and --if_changed refuse was given, or an earlier
+    step's artifact comes from an interrupted run."""
+
+
+class FingerprintCache:
+    """Content hashes of files, kept in a JSON file so each file is hashed once while it is unchanged."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.changed = False
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # no cache yet, or one damaged by hand: start a new one
+            self.entries = {}
+
+    def file(self, path):
+        """sha256 of a file's content."""
+        path = Path(path).resolve()
+        stat = path.stat()
+        state = [stat.st_size, stat.st_mtime_ns]
+        entry = self.entries.get(str(path))
+        if entry is None or entry["state"] != state:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(_CHUNK), b""):
+                    digest.update(chunk)
+            entry = {"state": state, "fingerprint": f"sha256:{digest.hexdigest()}"}
+            self.entries[str(path)] = entry
+            self.changed = True
+        return entry["fingerprint"]
+
+    def file_list(self, files, root):
+        """sha256 of the files' names relative to `root`, in order, and their sizes."""
+        files = [Path(f) for f in files]
+        names = "\n".join(os.path.relpath(f, root) for f in files)
+        key = "list:" + hashlib.sha256(f"{Path(root).resolve()}\n{names}".encode()).hexdigest()
+        folders = sorted({str(f.parent.resolve()) for f in files})
+        state = [[folder, os.stat(folder).st_mtime_ns] for folder in folders]
+        entry = self.entries.get(key)
+        if entry is None or entry["state"] != state:
+            digest = hashlib.sha256()
+            for name, f in zip(names.split("\n"), files, strict=True):
+                digest.update(f"{name}\t{f.stat().st_size}\n".encode())
+            entry = {"state": state, "fingerprint": f"sha256:{digest.hexdigest()}", "files": len(files)}
+            self.entries[key] = entry
+            self.changed = True
+        return {"fingerprint": entry["fingerprint"], "files": entry["files"]}
+
+    def save(self):
+        """Write the cache (whole or not at all), merged with what other runs wrote meanwhile."""
+        if not self.changed:
+            return
+        try:
+            on_disk = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        save_text(json.dumps({**on_disk, **self.entries}), self.path)
+        self.changed = False
+
+
+def project_version():
+    """The git commit of this code (with "+changes" when the tree differs from it), or "unknown"."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not commit:
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def read_record(artifact):
+    """The record beside `artifact` (same stem, .json), or None when it has none."""
+    path = Path(artifact).with_suffix(".json")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_record(artifact, record):
+    save_text(json.dumps(record, indent=2, default=str), Path(artifact).with_suffix(".json"))
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def upstream_entry(artifact, produced_by, fingerprints, record=None):
+    """What a step records of an earlier step's artifact it reads: its fingerprint and its origin
+    ("trained" with the earlier record, whether complete, or "released": a file without a record)."""
+    record = read_record(artifact) if record is None else record
+    entry = {"file": str(artifact), "fingerprint": fingerprints.file(artifact), "produced_by": produced_by}
+    if record is None:
+        entry.update(origin="released", complete=True)
+    else:
+        entry.update(origin="trained", complete=bool(record.get("complete")), record=record)
+    return entry
+
+
+def identity_of(entry):
+    """The part of an upstream entry a later step's result depends on (not the record's own details)."""
+    return {"fingerprint": entry["fingerprint"], "origin": entry["origin"], "complete": entry["complete"]}
+
+
+def check_complete(upstream, accept_partial):
+    """Stop when an earlier artifact comes from an interrupted run, naming the step to finish;
+    with accept_partial, return the warnings to record instead."""
+    warnings = []
+    for name, entry in upstream.items():
+        if entry["complete"]:
+            continue
+        record = entry["record"]
+        done = f"{record.get('epochs_done', '?')} of {record.get('epochs', '?')} epochs"
+        message = (f"{entry['file']} was written by an interrupted run ({done}); finish it by running "
+                   f"{entry['produced_by']} again with the same options (it resumes), or pass --accept_partial "
+                   f"to use it anyway")
+        if not accept_partial:
+            raise StaleInputError(message)
+        warnings.append(f"{name}: accepted from an interrupted run ({done})")
+        print(f"warning: {name} comes from an interrupted run ({done}); --accept_partial uses it, and the "
+              f"new record says so")
+    return warnings
+
+
+def differences(old, new, prefix=""):
+    """Human-readable differences between two identities (nested dicts)."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, "(none)"), new.get(key, "(none)")
+        if isinstance(before, dict) and isinstance(after, dict):
+            found += differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            found.append(f"{prefix}{key}: {_short(before)} -> {_short(after)}")
+    return found
+
+
+def _short(value):
+    text = str(value)
+    return text[:7 + 12] + "…" if text.startswith("sha256:") else text
