@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from steps import run_step, step_args
+from steps import run_step
 
 from loader import build_dataset
 from modules.metrics import MatchedMetrics
@@ -43,20 +43,20 @@ def matched_picture_accuracy(results, val):
 
 @pytest.mark.parametrize("head", ["tr", "mlp"])
 def test_demo_pipeline_beats_a_random_assignment_by_far(tmp_path, head):
-    data_dir, ckpt, _ = prepare(tmp_path, n_train=12, n_val=6, image_size=128, seed=0)
-    args = step_args(data_dir, ckpt, tmp_path, resolution=96, codebook=32, projection=64)
+    data_dir, ckpt, options = prepare(tmp_path, n_train=12, n_val=6, image_size=128, seed=0)
+    args = ["--data_dir", str(data_dir), "--ckpt", str(ckpt), *options]
     run_step("crop", None, args)
     run_step("mediator", None, args)
     run_step("front_door", head, args)
     run_step("fine_tune", head, [*args, "--epochs", "3"])
     run_step("test", head, [*args, "--num_pictures", "-1"])
-    results = tmp_path / "results/cocostuff27" / head.upper() / "dino_vit_tiny_8/32"
+    results = tmp_path / "results/cocostuff27" / head.upper() / "dino_vit_tiny_8/64"
     metrics = json.loads((results / "metrics.json").read_text())
     assert matched_picture_accuracy(results, build_dataset("cocostuff27", data_dir, "val", 96)) == pytest.approx(
         metrics["crf"]["pAcc"], abs=1e-3), "the matched pictures show the predictions that were scored"
     chance_miou, majority = chance_levels(data_dir, 96, 27)
     print(f"demo: CRF mIoU {metrics['crf']['mIoU']:.1f} pAcc {metrics['crf']['pAcc']:.1f}; random assignment "
           f"mIoU {chance_miou:.1f}; commonest class {majority:.1f}% of pixels")
-    for variant in ("crf", "no_crf"):
+    for variant in ("crf", "no_crf", "no_crf_no_flip"):
         assert metrics[variant]["mIoU"] > max(10 * chance_miou, 15)
         assert metrics[variant]["pAcc"] > majority + 20, "better than labelling everything as the commonest class"

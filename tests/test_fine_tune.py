@@ -28,7 +28,8 @@ def build(head, label_leak, labels=None):
 
 def prediction_parameters(training):
     """Everything the unsupervised prediction reads: head_ema and the cluster probe (and the clusterbook)."""
-    return dict(training.segment.head_ema.named_parameters(prefix="head_ema")) | dict(training.cluster.named_parameters())
+    segment, cluster = training.segment, training.cluster
+    return dict(segment.head_ema.named_parameters(prefix="head_ema")) | dict(cluster.named_parameters())
 
 
 @pytest.mark.parametrize("head", ["mlp", "tr"])

@@ -25,8 +25,8 @@ from loader.samplers import GlobalBatchSampler, evaluation_loader, share_of, tra
 from models import CheckpointError, load_backbone
 from modules.randomness import BatchRandom, mixed_seed
 from utils.runtime.config import ConfigError, recipe_for
-from utils.runtime.distributed import (BatchGroup, Dist, barrier, launch, launch_single, process_count,
-                                       requested_gpus, torchrun_rank)
+from utils.runtime.distributed import (Dist, barrier, communication_device, launch, launch_single, process_count,
+                                       requested_gpus, torchrun_rank, world_size)
 from utils.runtime.io import save_torch, save_text
 from utils.runtime.paths import ArtifactPaths
 from utils.runtime.records import (FingerprintCache, StaleInputError, check_complete, differences, identity_of,
@@ -204,12 +204,12 @@ def _stale(cfg, label, what, changed):
 class _StepWorker:
     """Picklable wrapper (spawned processes receive it) that hands the worker its StepContext."""
 
-    def __init__(self, worker, paths, recipe, identity, upstream, warnings):
+    def __init__(self, worker, *context):
         self.worker = worker
-        self.paths, self.recipe, self.identity, self.upstream, self.warnings = paths, recipe, identity, upstream, warnings
+        self.context = context  # StepContext's fields after the config and the process
 
     def __call__(self, cfg, dist):
-        ctx = StepContext(cfg, dist, self.paths, self.recipe, self.identity, self.upstream, self.warnings)
+        ctx = StepContext(cfg, dist, *self.context)
         return self.worker(ctx)
 
 
@@ -464,6 +464,7 @@ def fit(ctx, training, backbone, precision, resolution, save_artifacts):
             bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if k not in ("correct", "counted")})
             logger.scalars({f"{cfg.step}/{k}": v for k, v in shown.items()})
         training.end_epoch()
+        check_processes_agree(training.state_dict())
         diagnostics = training.validate(epoch)
         logger.scalars({f"{cfg.step}/val_{k}": v for k, v in diagnostics.items()}, step=epoch)
         if ctx.dist.is_main and diagnostics:
@@ -475,6 +476,33 @@ def fit(ctx, training, backbone, precision, resolution, save_artifacts):
         save_artifacts(ctx, cfg.epochs)
     resume.finish()
     logger.close()
+
+
+def _tensors(value):
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for inner in value.values():
+            yield from _tensors(inner)
+    elif isinstance(value, (list, tuple)):
+        for inner in value:
+            yield from _tensors(inner)
+
+
+def check_processes_agree(state):
+    """Every process must end an epoch with the same trained state (the same reduced gradients, the
+    same draws): compare float64 sums of every tensor of `state` across processes. A difference is a
+    bug, not a user error: it keeps its traceback."""
+    if world_size() == 1:
+        return
+    sums = torch.tensor([[t.double().sum().item(), t.double().square().sum().item()] for t in _tensors(state)],
+                        dtype=torch.float64, device=communication_device())
+    gathered = [torch.empty_like(sums) for _ in range(world_size())]
+    torch.distributed.all_gather(gathered, sums)
+    differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
+    if differing:
+        raise RuntimeError(f"processes {differing} hold other weights than process 0 after an epoch: their "
+                           f"updates diverged")
 
 
 def _row_counts(recipe, share):

@@ -148,6 +148,9 @@ def process_count(cfg):
 
 def _check_port_free(port):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # A port still closing after the previous step's processes (TIME_WAIT) is free to reuse, as
+        # torch's rendezvous store does; only one that something listens on is busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -160,6 +163,13 @@ def is_initialized():
 
 def world_size():
     return dist.get_world_size() if is_initialized() else 1
+
+
+def communication_device():
+    """Where tensors for collectives live: the process's GPU under NCCL, the CPU under gloo."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier():

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from errors import UserError
-from utils.runtime.config import HEADS, OPTIONS, option_names, options_of, parse_config
+from utils.runtime.config import HEADS, OPTIONS, option_names, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ("crop", "mediator", "front_door", "fine_tune", "test")
@@ -74,7 +74,8 @@ def route(tokens, steps):
 
 
 def usage():
-    lines = [__doc__.strip(), "", "pipeline options:", "  demo                 run on the embedded demo data (default when no data is configured)",
+    lines = [__doc__.strip(), "", "pipeline options:",
+             "  demo                 run on the embedded demo data (default when no data is configured)",
              f"  --head {{{','.join(HEADS)}}}       the segmentation head (default tr)", "",
              "step options (--NAME for every step that has it, --STEP.NAME for one):"]
     for option in OPTIONS:
