@@ -32,8 +32,3 @@ class ClusterModule(nn.Module):
     def predict(self, feat_map):
         """Nearest centroid by cosine: [B,H,W] int64."""
         return self.cosine_logits(feat_map).argmax(dim=1)
-
-    def clustering_loss(self, feat_map):
-        """-mean over pixels of the cosine to the nearest centroid; features are detached so only
-        the centroids learn from it, as in the official code."""
-        return -self.cosine_logits(feat_map.detach()).max(dim=1).values.mean()

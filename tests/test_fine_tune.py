@@ -20,10 +20,11 @@ def build(head, label_leak, labels=None):
     cluster.codebook.copy_(codebook)
     trained = set_trainable(segment, label_leak)
     optimizers = [torch.optim.Adam(trained, lr=1e-2), torch.optim.Adam([cluster.cluster_probe], lr=1e-2)]
-    training = FineTuneTraining(segment, cluster, trained, optimizers, [], 2.0, Precision("fp32", torch.device("cpu")),
-                                BatchGroup(shared=False), 5, grid=True)
+    # The tokens stand for the backbone's: an identity "backbone" passes them through.
+    training = FineTuneTraining(lambda images: images, segment, cluster, trained, optimizers, [], 2.0,
+                                Precision("fp32", torch.device("cpu")), BatchGroup(shared=False), 5, grid=True)
     labels = torch.randint(-1, 5, (2, 16, 16)) if labels is None else labels
-    return training, torch.randn(2, 16, 32), labels, BatchRandom(0, BatchShare(0, 2, 2), "cpu")
+    return training, {"img": torch.randn(2, 16, 32), "label": labels}, BatchRandom(0, BatchShare(0, 2, 2), "cpu")
 
 
 def prediction_parameters(training):
@@ -34,8 +35,8 @@ def prediction_parameters(training):
 
 @pytest.mark.parametrize("head", ["mlp", "tr"])
 def test_labels_reach_no_prediction_parameter_by_default(head):
-    training, tokens, labels, random = build(head, label_leak=False)
-    training.losses(tokens, labels, random)["probe_cross_entropy"].backward()
+    training, batch, random = build(head, label_leak=False)
+    training.losses(batch, random)["probe_cross_entropy"].backward()
     for name, parameter in prediction_parameters(training).items():
         assert parameter.grad is None or not parameter.grad.any(), f"labels reached {name}"
     assert training.segment.linear.f.weight.grad.abs().sum() > 0, "the labelled probe itself still learns"
@@ -43,17 +44,17 @@ def test_labels_reach_no_prediction_parameter_by_default(head):
 
 @pytest.mark.parametrize("head", ["mlp", "tr"])
 def test_label_leak_option_reproduces_the_official_leak(head):
-    training, tokens, labels, random = build(head, label_leak=True)
-    training.losses(tokens, labels, random)["probe_cross_entropy"].backward()
+    training, batch, random = build(head, label_leak=True)
+    training.losses(batch, random)["probe_cross_entropy"].backward()
     assert any(p.grad is not None and p.grad.any() for p in training.segment.head_ema.parameters())
 
 
 def test_a_full_fine_tuning_step_changes_only_the_probes():
-    training, tokens, labels, random = build("tr", label_leak=False)
+    training, batch, random = build("tr", label_leak=False)
     segment, cluster = training.segment, training.cluster
     frozen = {n: p.detach().clone() for n, p in segment.named_parameters() if not n.startswith("linear.")}
     probe_before = cluster.cluster_probe.detach().clone()
-    training.update(training.losses(tokens, labels, random), random)
+    training.update(training.losses(batch, random), random)
     for name, parameter in segment.named_parameters():
         if name in frozen:
             assert torch.equal(parameter, frozen[name]), f"{name} changed"
@@ -62,10 +63,10 @@ def test_a_full_fine_tuning_step_changes_only_the_probes():
 
 def test_a_batch_without_labelled_pixels_still_trains_the_cluster_probe():
     # Possible on Cityscapes crops: the official mean over no pixels is NaN; here the probe term is 0.
-    training, tokens, labels, random = build("tr", label_leak=False, labels=torch.full((2, 16, 16), -1))
+    training, batch, random = build("tr", label_leak=False, labels=torch.full((2, 16, 16), -1))
     training.grid = False  # a 4×4 token grid keeps one token per image: no graph to measure modularity on
     probe_before = training.cluster.cluster_probe.detach().clone()
-    losses = training.losses(tokens, labels, random)
+    losses = training.losses(batch, random)
     assert losses["probe_cross_entropy"] == 0 and torch.isfinite(losses["loss"])
     training.update(losses, random)
     assert not torch.equal(training.cluster.cluster_probe, probe_before)

@@ -98,6 +98,8 @@ def evaluate(ctx):
         "dataset": cfg.dataset, "head": cfg.head, "backbone": cfg.arch, "checkpoint": str(cfg.ckpt),
         **{name: summary(result) for name, result in results.items()},
         "variants": VARIANTS,
+        # The Hungarian matching of the paper's figure: the class each cluster stands for (predict.py uses it).
+        "cluster_to_class": results["crf"]["assignment"].tolist(),
         "linear_probe_pixel_accuracy_uses_labels": 100 * (probe[0] / probe[1].clamp(min=1)).item(),
         "complete": True, "identity": ctx.identity, "upstream": ctx.upstream, "accepted_partial": ctx.warnings,
         "version": project_version(), "written": now(),

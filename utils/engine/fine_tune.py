@@ -17,7 +17,7 @@ from modules.heads import build_segment
 from modules.losses import modularity_per_image, probe_cross_entropy
 from modules.metrics import MatchedMetrics
 from modules.probe import ClusterModule
-from utils.engine.loop import (Precision, StepSpec, Upstream, fit, make_backbone, optimizer_step, progress,
+from utils.engine.loop import (Precision, StepSpec, Upstream, backbone_tokens, fit, make_backbone, optimizer_step, progress,
                                run_step, training_settings, validation_loader, write_artifact_records)
 from utils.runtime.artifacts import load_modular, load_state_strict
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
@@ -35,9 +35,9 @@ class FineTuneTraining:
     """One optimiser step of fine-tuning: the cluster probe's modularity on head_ema's features (with
     dropout, as the official code), plus the labelled linear probe's cross-entropy."""
 
-    def __init__(self, segment, cluster, segment_trained, optimizers, schedulers, clip_norm, precision, group,
-                 n_classes, grid, validation=None):
-        self.segment, self.cluster = segment, cluster
+    def __init__(self, backbone, segment, cluster, segment_trained, optimizers, schedulers, clip_norm, precision,
+                 group, n_classes, grid, validation=None):
+        self.backbone, self.segment, self.cluster = backbone, segment, cluster
         self.segment_trained = segment_trained
         self.trained = segment_trained + [cluster.cluster_probe]
         self.optimizers, self.schedulers = optimizers, schedulers
@@ -46,13 +46,15 @@ class FineTuneTraining:
         self.n_classes, self.grid = n_classes, grid
         self.validation = validation
 
-    def losses(self, tokens, labels, random):
+    def losses(self, batch, random):
+        tokens = backbone_tokens(self.backbone, batch["img"], self.precision)
         with self.precision.autocast():
             features = self.segment.head_ema(tokens, random.dropout)
             clustered = grid_sample_tokens(features, grid_order(random, features.shape[1]))[0] if self.grid \
                 else features
             modularity = -modularity_per_image(self.cluster.cluster_probe, clustered).sum() / random.share.global_rows
-            probe, correct, counted = probe_cross_entropy(self.segment.linear(features), labels, self.n_classes)
+            probe, correct, counted = probe_cross_entropy(self.segment.linear(features), batch["label"],
+                                                          self.n_classes)
         # A batch whose labels are all ignored adds nothing to the probe term (the official mean is NaN there).
         probe = probe / self.group.sum(counted.float().clone()).clamp_min(1)
         return {"loss": modularity + probe, "modularity": -modularity, "probe_cross_entropy": probe,
@@ -121,7 +123,7 @@ def train(ctx):
     precision = Precision(cfg.precision, ctx.device)
     validation = validation_loader(ctx, cfg.test_resolution)
     training = FineTuneTraining(
-        segment, cluster, segment_trained, optimizers, schedulers,
+        backbone, segment, cluster, segment_trained, optimizers, schedulers,
         info.fine_tune_clip[cfg.head] if info.fine_tune_clip else None, precision,
         BatchGroup(ctx.recipe.shared_batch), cfg.n_classes, cfg.grid,
         validation=lambda epoch: cluster_miou(ctx, backbone, segment, cluster, validation, precision))
@@ -131,7 +133,7 @@ def train(ctx):
         save_torch(cluster.state_dict(), ctx.paths.cluster)
         write_artifact_records(ctx, [ctx.paths.cluster, ctx.paths.fine_tuned_segment], epochs_done)
 
-    fit(ctx, training, backbone, precision, cfg.train_resolution, save)
+    fit(ctx, training, cfg.train_resolution, save)
     return str(ctx.paths.cluster)
 
 

@@ -11,7 +11,7 @@ from modules.grid import grid_order, grid_sample_tokens
 from modules.heads import build_segment
 from modules.losses import contrastive_terms, probe_cross_entropy
 from modules.quantize import quantize_index
-from utils.engine.loop import (Precision, StepSpec, Upstream, fit, make_backbone, optimizer_step, progress,
+from utils.engine.loop import (Precision, StepSpec, Upstream, backbone_tokens, fit, make_backbone, optimizer_step, progress,
                                run_step, training_settings, validation_loader, write_artifact_records)
 from utils.runtime.artifacts import load_modular
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
@@ -43,9 +43,9 @@ class FrontDoorTraining:
     """One optimiser step of the front door: contrastive loss against the batch and the concept bank,
     plus the labelled linear probe on the teacher's features; then EMA and bank updates."""
 
-    def __init__(self, segment, codebook, bank, optimizer, clip_norm, precision, group, n_classes, grid,
+    def __init__(self, backbone, segment, codebook, bank, optimizer, clip_norm, precision, group, n_classes, grid,
                  validation=None):
-        self.segment, self.codebook, self.bank = segment, codebook, bank
+        self.backbone, self.segment, self.codebook, self.bank = backbone, segment, codebook, bank
         self.optimizer, self.clip_norm = optimizer, clip_norm
         self.precision, self.group = precision, group
         self.n_classes, self.grid = n_classes, grid
@@ -54,7 +54,8 @@ class FrontDoorTraining:
         self.steps_done = 0
         self._bank_input = None
 
-    def losses(self, tokens, labels, random):
+    def losses(self, batch, random):
+        tokens = backbone_tokens(self.backbone, batch["img"], self.precision)
         with self.precision.autocast():
             sampled, student_proj, teacher_proj, probe_features = student_teacher_tokens(
                 self.segment, tokens, self.grid, random)
@@ -63,7 +64,8 @@ class FrontDoorTraining:
             candidates, candidate_index = self.group.gather(teacher_proj.detach()), self.group.gather(index)
             front, terms = contrastive_terms(student_proj, index, candidates, candidate_index, self.codebook,
                                              self.bank, random.share.offset)
-            probe, correct, counted = probe_cross_entropy(self.segment.linear(probe_features), labels, self.n_classes)
+            probe, correct, counted = probe_cross_entropy(self.segment.linear(probe_features), batch["label"],
+                                                          self.n_classes)
         # This process's parts of the global batch's means: their denominators count the whole batch.
         totals = self.group.sum(torch.stack([terms, counted]).float())
         front, probe = front / totals[0].clamp_min(1), probe / totals[1].clamp_min(1)
@@ -133,7 +135,7 @@ def train(ctx):
     bank = ConceptBank(cfg.num_codebook, cfg.projection_dim, device=ctx.device)
     validation = validation_loader(ctx, cfg.test_resolution)
     training = FrontDoorTraining(
-        segment, codebook, bank, optimizer, info.front_door_clip[cfg.head], precision,
+        backbone, segment, codebook, bank, optimizer, info.front_door_clip[cfg.head], precision,
         BatchGroup(ctx.recipe.shared_batch), cfg.n_classes, cfg.grid,
         validation=lambda epoch: probe_accuracy(ctx, backbone, segment, validation, precision, epoch))
 
@@ -141,7 +143,7 @@ def train(ctx):
         save_torch(segment.state_dict(), ctx.paths.segment)
         write_artifact_records(ctx, [ctx.paths.segment], epochs_done)
 
-    fit(ctx, training, backbone, precision, cfg.train_resolution, save)
+    fit(ctx, training, cfg.train_resolution, save)
     return str(ctx.paths.segment)
 
 

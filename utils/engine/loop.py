@@ -429,11 +429,11 @@ def backbone_tokens(backbone, images, precision):
         return backbone(images)
 
 
-def fit(ctx, training, backbone, precision, resolution, save_artifacts):
-    """The training loop shared by the mediator, the front door and fine-tuning.
+def fit(ctx, training, resolution, save_artifacts):
+    """The training loop shared by the training steps.
 
-    `training` is the step's Training object: losses(tokens, labels, random) -> {name: tensor}
-    (this process's part of each global-batch loss, "loss" the one to back-propagate, plus
+    `training` is the step's Training object: losses(batch, random) -> {name: tensor} for a batch
+    {"img", "label", ...} (this process's part of each global-batch loss, "loss" the one to back-propagate, plus
     "correct"/"counted" for the probe's accuracy where there is one), update(losses, random),
     end_epoch(), validate(epoch) -> {name: value}, state_dict()/load_state_dict(),
     process_state()/load_process_state() (the concept bank). `save_artifacts(ctx, epochs_done)`
@@ -456,8 +456,7 @@ def fit(ctx, training, backbone, precision, resolution, save_artifacts):
             group.set_rows(_row_counts(recipe, share))
             seed = mixed_seed(cfg.seed, epoch, index, -1 if recipe.shared_batch else ctx.dist.rank)
             random = BatchRandom(seed, share, ctx.device)
-            tokens = backbone_tokens(backbone, batch["img"], precision)
-            losses = training.losses(tokens, batch["label"], random)
+            losses = training.losses(batch, random)
             shown = _global_values(group, losses)
             check_finite(shown["loss"], ctx, epoch, index)
             training.update(losses, random)

@@ -4,7 +4,7 @@ import torch
 
 from modules.grid import grid_order, grid_sample_tokens
 from modules.losses import modularity_per_image
-from utils.engine.loop import (Precision, StepSpec, fit, make_backbone, optimizer_step, run_step, training_settings,
+from utils.engine.loop import (Precision, StepSpec, backbone_tokens, fit, make_backbone, optimizer_step, run_step, training_settings,
                                write_artifact_records)
 from utils.runtime.distributed import BatchGroup, broadcast_parameters
 from utils.runtime.io import save_numpy
@@ -13,12 +13,13 @@ from utils.runtime.io import save_numpy
 class MediatorTraining:
     """One optimiser step of the mediator: the modularity of the clusterbook on the batch's tokens."""
 
-    def __init__(self, codebook, optimizer, scheduler, precision, group, grid):
-        self.codebook = codebook
+    def __init__(self, backbone, codebook, optimizer, scheduler, precision, group, grid):
+        self.backbone, self.codebook = backbone, codebook
         self.optimizer, self.scheduler = optimizer, scheduler
         self.precision, self.group, self.grid = precision, group, grid
 
-    def losses(self, tokens, labels, random):
+    def losses(self, batch, random):
+        tokens = backbone_tokens(self.backbone, batch["img"], self.precision)
         if self.grid:
             tokens, _ = grid_sample_tokens(tokens, grid_order(random, tokens.shape[1]))
         # This process's part of −(mean over the global batch's images): processes add their parts.
@@ -63,14 +64,14 @@ def train(ctx):
     optimizer = torch.optim.Adam([codebook], lr=ctx.recipe.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
     precision = Precision(cfg.precision, ctx.device)
-    training = MediatorTraining(codebook, optimizer, scheduler, precision, BatchGroup(ctx.recipe.shared_batch),
-                                cfg.grid)
+    training = MediatorTraining(backbone, codebook, optimizer, scheduler, precision,
+                                BatchGroup(ctx.recipe.shared_batch), cfg.grid)
 
     def save(ctx, epochs_done):
         save_numpy(codebook.detach().float().cpu().numpy().astype(np.float32), ctx.paths.modular)
         write_artifact_records(ctx, [ctx.paths.modular], epochs_done)
 
-    fit(ctx, training, backbone, precision, cfg.train_resolution, save)
+    fit(ctx, training, cfg.train_resolution, save)
     if ctx.dist.is_main:
         print(f"[mediator] clusterbook saved to {ctx.paths.modular}")
     return str(ctx.paths.modular)

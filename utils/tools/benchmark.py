@@ -167,6 +167,12 @@ def peak_bytes(step, device):
     return peak
 
 
+def precomputed(tokens):
+    """The step's input batch and a "backbone" that passes it through: both formulations' steps are
+    measured on the same precomputed tokens, the backbone's cost measured once, apart."""
+    return {"img": tokens}, lambda images: images
+
+
 def step_random(tokens, step):
     """A BatchRandom for one benchmark step of the whole batch in one process."""
     return BatchRandom(step, BatchShare(0, tokens.shape[0], tokens.shape[0]), tokens.device)
@@ -182,12 +188,13 @@ def mediator_steps(tokens, num_codebook, precision):
 
     codebook = clusterbook()
     optimizer = torch.optim.Adam([codebook], lr=LR)
-    training = MediatorTraining(codebook, optimizer, None, precision, group, grid=True)
+    batch, identity = precomputed(tokens)
+    training = MediatorTraining(identity, codebook, optimizer, None, precision, group, grid=True)
     steps = iter(range(10**9))
 
     def project_step():  # the mediator's own training step
         random = step_random(tokens, next(steps))
-        training.update(training.losses(tokens, None, random), random)
+        training.update(training.losses(batch, random), random)
 
     official_codebook = clusterbook()
     official_optimizer = torch.optim.Adam([official_codebook], lr=LR)
@@ -222,12 +229,15 @@ def front_door_steps(head_type, tokens, codebook, shapes, precision):
     labels = torch.zeros(tokens.shape[0], shapes.resolution, shapes.resolution, dtype=torch.int64, device=device)
 
     optimizer = torch.optim.Adam(segment.student_parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    training = FrontDoorTraining(segment, codebook, bank, optimizer, CLIP[head_type], precision, group, 27, True)
+    batch, identity = precomputed(tokens)
+    batch["label"] = labels
+    training = FrontDoorTraining(identity, segment, codebook, bank, optimizer, CLIP[head_type], precision, group, 27,
+                                 True)
     steps = iter(range(10**9))
 
     def project_step():  # the front door's own training step
         random = step_random(tokens, next(steps))
-        training.update(training.losses(tokens, labels, random), random)
+        training.update(training.losses(batch, random), random)
 
     official_trained = list(official_segment.student_parameters())
     official_optimizer = torch.optim.Adam(official_trained, lr=LR, weight_decay=WEIGHT_DECAY)
