@@ -17,8 +17,8 @@ from modules.heads import build_segment
 from modules.losses import modularity_per_image, probe_cross_entropy
 from modules.metrics import MatchedMetrics
 from modules.probe import ClusterModule
-from utils.engine.loop import (Precision, StepSpec, Upstream, backbone_tokens, fit, make_backbone, optimizer_step, progress,
-                               run_step, training_settings, validation_loader, write_artifact_records)
+from utils.engine.loop import (Precision, StepSpec, Upstream, backbone_tokens, fit, make_backbone, optimizer_step,
+                               progress, run_step, training_settings, validation_loader, write_artifact_records)
 from utils.runtime.artifacts import load_modular, load_state_strict
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
 from utils.runtime.io import save_torch

@@ -11,8 +11,8 @@ from modules.grid import grid_order, grid_sample_tokens
 from modules.heads import build_segment
 from modules.losses import contrastive_terms, probe_cross_entropy
 from modules.quantize import quantize_index
-from utils.engine.loop import (Precision, StepSpec, Upstream, backbone_tokens, fit, make_backbone, optimizer_step, progress,
-                               run_step, training_settings, validation_loader, write_artifact_records)
+from utils.engine.loop import (Precision, StepSpec, Upstream, backbone_tokens, fit, make_backbone, optimizer_step,
+                               progress, run_step, training_settings, validation_loader, write_artifact_records)
 from utils.runtime.artifacts import load_modular
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
 from utils.runtime.io import save_torch

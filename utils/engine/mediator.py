@@ -4,8 +4,8 @@ import torch
 
 from modules.grid import grid_order, grid_sample_tokens
 from modules.losses import modularity_per_image
-from utils.engine.loop import (Precision, StepSpec, backbone_tokens, fit, make_backbone, optimizer_step, run_step, training_settings,
-                               write_artifact_records)
+from utils.engine.loop import (Precision, StepSpec, backbone_tokens, fit, make_backbone, optimizer_step, run_step,
+                               training_settings, write_artifact_records)
 from utils.runtime.distributed import BatchGroup, broadcast_parameters
 from utils.runtime.io import save_numpy
 
