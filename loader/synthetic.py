@@ -75,9 +75,9 @@ def make_synthetic_cocostuff(data_dir, n_train=48, n_val=16, image_size=96, seed
                 Image.fromarray(image).save(staging / "images" / folder / f"{image_id}.jpg", quality=95)
                 Image.fromarray(label).save(staging / "annotations" / folder / f"{image_id}.png")
             listing = "".join(f"{image_id}\n" for image_id in ids)
-            (staging / "curated" / folder / COCO_LIST).write_text(listing)
-            if folder == "val2017":
-                (staging / "curated" / folder / COCO_LIST_7).write_text(listing)
+            # The _7 lists: COCO-Stuff-27's val set, and the train list PriMaPs reads (PRIMAPS.md §1).
+            for name in (COCO_LIST, COCO_LIST_7):
+                (staging / "curated" / folder / name).write_text(listing)
         staging.rename(target)
     finally:
         if staging.exists():

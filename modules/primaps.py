@@ -4,19 +4,21 @@ loss of the M-step, the cosine k-means loss and PCA directions of the initialisa
 the prototype module θ_R with its momentum copy θ_M.
 
 Mask generation is split in two so that the CRF, which dominates the cost, can run on a process
-pool: `mask_log_probs` (features -> log-probabilities at patch resolution) and
-`pseudo_mask_from_log_probs` (image, log-probabilities -> CRF marginals and the pseudo mask).
+pool: `mask_log_probs` (features -> log-probabilities at patch resolution) and the CRF half,
+`pseudo_mask_job` on a pool (numpy and pydensecrf only) or `pseudo_mask_from_log_probs` in one
+process (image, log-probabilities -> CRF marginals and the pseudo mask).
 """
 import copy
 import math
 from contextlib import contextmanager
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.crf import dense_crf
+from modules.crf import crf_inference, dense_crf
 
 # Pixel value of "no mask" in pseudo masks and of "no label" in E-step targets. Pseudo masks are
 # cached as 8-bit PNGs, so mask ids must stay below it.
@@ -26,6 +28,7 @@ PROPOSAL_GAIN = 10.0
 # Proposals stop once this fraction of the patches is assigned; power iterations of each round's PCA.
 STOP_FRACTION = 0.95
 PCA_ITERATIONS = 100
+CRF_ITERATIONS = 10  # the evaluation CRF's (SPEC §6)
 
 
 @contextmanager
@@ -130,13 +133,25 @@ class PseudoMask(NamedTuple):
     pseudo: torch.Tensor  # uint8 [H, W]: mask ids 1..N, NO_MASK where the background wins
 
 
+def pseudo_from_marginals(q):
+    """CRF marginals [N+1, H, W] (numpy) -> the pseudo mask, uint8 [H, W]: the winning mask id,
+    NO_MASK where the background wins."""
+    winner = q.argmax(axis=0)
+    return np.where(winner == 0, NO_MASK, winner).astype(np.uint8)
+
+
+def pseudo_mask_job(crf_input):
+    """The CRF half of one pseudo mask for a worker pool: modules.crf.crf_inputs(image, log_probs),
+    computed by the caller, -> the pseudo mask (uint8 numpy [H, W]). numpy and pydensecrf only."""
+    return pseudo_from_marginals(crf_inference(*crf_input, CRF_ITERATIONS))
+
+
 def pseudo_mask_from_log_probs(image, log_probs):
     """Normalised image [3, H, W] and log-probabilities [N+1, h, w] -> (CRF marginals [N+1, H, W],
-    pseudo mask uint8 [H, W]), computed on CPU; meant for a worker process."""
+    pseudo mask uint8 [H, W]), computed on CPU in this process."""
     check_mask_count(log_probs.shape[0] - 1)
-    q = dense_crf(image, log_probs)
-    winner = q.argmax(dim=0)
-    return q, torch.where(winner == 0, NO_MASK, winner).to(torch.uint8)
+    q = dense_crf(image, log_probs, CRF_ITERATIONS)
+    return q, torch.from_numpy(pseudo_from_marginals(q.numpy()))
 
 
 def pseudo_mask(image, features, threshold=0.4, seed=None):
@@ -167,13 +182,24 @@ def mask_majority_labels(class_map, masks, ignore_id=NO_MASK):
     return labels
 
 
-def focal_loss(logits, target, gamma=2.0, ignore_id=NO_MASK):
+def class_probabilities(logits):
+    """[B, K, H, W] logits -> [K, B·H·W] predicted probabilities, detached (what π_k averages)."""
+    return logits.detach().softmax(dim=1).transpose(0, 1).flatten(1)
+
+
+def focal_loss(logits, target, gamma=2.0, ignore_id=NO_MASK, mean_probability=None, pixels=None):
     """M-step loss: logits [B, K, H, W], target [B, H, W] -> scalar. Classes weighted by
     (1 − π_k)^γ with π_k the batch's mean predicted probability (no gradient), summed over
-    labelled pixels and divided by all B·H·W pixels."""
-    mean_probability = logits.detach().softmax(dim=1).transpose(0, 1).flatten(1).mean(dim=1)
+    labelled pixels and divided by all B·H·W pixels.
+
+    A batch split over processes passes the whole batch's π (`mean_probability` [K]) and pixel
+    count (`pixels`): each process's value is then its part of the batch's loss, and the parts add
+    up to it."""
+    if mean_probability is None:
+        mean_probability = class_probabilities(logits).mean(dim=1)
     weight = (1 - mean_probability) ** gamma
-    return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_id, reduction="none").mean()
+    per_pixel = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_id, reduction="none")
+    return per_pixel.mean() if pixels is None else per_pixel.sum() / pixels
 
 
 def _normalised_kernel(weight_v, weight_g):
@@ -189,11 +215,12 @@ def cosine_inner_products(features, weight_v):
     return F.conv2d(F.normalize(features, dim=1), _normalised_kernel(weight_v, unit_g))
 
 
-def kmeans_loss(inner_products):
+def kmeans_loss(inner_products, pixels=None):
     """Hard cosine k-means: −mean over pixels of the cosine to the nearest prototype (the first
-    one among equals), accumulated in float64 as the official one-hot product is."""
-    nearest = inner_products.gather(1, inner_products.argmax(dim=1, keepdim=True))
-    return -nearest.double().mean()
+    one among equals), accumulated in float64 as the official one-hot product is. `pixels`: the
+    whole batch's pixel count when the batch is split over processes (see focal_loss)."""
+    nearest = inner_products.gather(1, inner_products.argmax(dim=1, keepdim=True)).double()
+    return -(nearest.mean() if pixels is None else nearest.sum() / pixels)
 
 
 def pca_directions(features, n_classes, seed=None):
@@ -270,3 +297,27 @@ class MomentumPrototypes(nn.Module):
 
     def forward(self, features):
         return self.prototypes(features)
+
+
+class PriMaPsModel(nn.Module):
+    """What PriMaPs-EM trains and evaluates, in one state dict: θ_R (`online`), θ_M (`momentum`), the
+    prototypes they started from (`initial` [K, C]: k-means or CAUSE's cluster probe, kept so that
+    the initialisation can be evaluated beside them) and the labelled linear probe (a diagnostic)."""
+
+    def __init__(self, in_channels, n_classes, max_decay=0.98):
+        super().__init__()
+        self.online = Prototypes(in_channels, n_classes)
+        self.momentum = MomentumPrototypes(self.online, max_decay)
+        self.linear = nn.Conv2d(in_channels, n_classes, 1)
+        self.register_buffer("initial", torch.zeros(n_classes, in_channels))
+
+    @torch.no_grad()
+    def start_from(self, directions):
+        """θ_R and θ_M ← directions [K, C] (g = 1), as the official EMA copy is made when training starts."""
+        self.online.set_directions(directions)
+        self.momentum.prototypes.set_directions(directions)
+        self.initial.copy_(directions)
+
+    def initial_cosine(self, features):
+        """The initial prototypes' cosines [B, K, h, w], as the official k-means probe predicts."""
+        return cosine_inner_products(features, self.initial[:, :, None, None])

@@ -57,6 +57,48 @@ def final_line(metrics):
     return f"mIoU: {metrics['crf']['mIoU']:.1f} pAcc: {metrics['crf']['pAcc']:.1f}"
 
 
+def score(ctx, pool, loader, predict, variants, pictures_dir, desc):
+    """Predict every val image and score each variant; shared by the test steps.
+
+    predict(images, labels) -> ({variant: class map [B,H,W]}, {variant: the CRF's input, log-probabilities
+    [B,K,H,W]}, (linear probe's correct pixels, labelled pixels)); the CRF runs here, on `pool`. The
+    pictures (imgs, labels, raw, crf, matched) show the variants "no_crf" and "crf". Returns
+    ({variant: MatchedMetrics result}, the linear probe's pixel accuracy in %).
+    """
+    cfg = ctx.cfg
+    metrics = {name: MatchedMetrics(cfg.n_classes, ctx.device) for name in variants}
+    probe = torch.zeros(2, device=ctx.device)
+    palette = ctx.dataset_info.palette
+    wanted_pictures = len(loader.dataset) if cfg.num_pictures < 0 else cfg.num_pictures
+    # The matched pictures need the final Hungarian matching, so only their CRF maps are kept,
+    # as bytes; every other picture is written as soon as it is predicted.
+    kept_crf = []
+    for _, _, batch in progress(ctx, loader, desc):
+        images, labels = batch["img"], batch["label"]
+        maps, crf_inputs, (correct, counted) = predict(images, labels)
+        for name, log_probs in crf_inputs.items():
+            maps[name] = dense_crf_batch(images, log_probs, pool=pool).argmax(1)
+        for name, prediction in maps.items():
+            metrics[name].update(prediction, labels)
+        probe += torch.stack([correct, counted]).float()
+        for i in range(min(len(images), wanted_pictures - len(kept_crf))):
+            index = int(batch["ind"][i])
+            save_pictures(pictures_dir, index, prediction_pictures(images[i], labels[i], maps["no_crf"][i],
+                                                                   maps["crf"][i], palette))
+            kept_crf.append((index, maps["crf"][i].to(torch.uint8).cpu()))  # at most 171 clusters (coco171)
+
+    results = {name: metric.compute() for name, metric in metrics.items()}  # each Hungarian matching once
+    for index, crf in kept_crf:
+        save_pictures(pictures_dir, index, {"matched": colorize(results["crf"]["assignment"][crf.long()], palette)})
+    return results, 100 * (probe[0] / probe[1].clamp(min=1)).item()
+
+
+def result_record(ctx):
+    """What a metrics.json says of how it was made: it is its own record."""
+    return {"complete": True, "identity": ctx.identity, "upstream": ctx.upstream, "accepted_partial": ctx.warnings,
+            "version": project_version(), "written": now()}
+
+
 @torch.no_grad()
 def evaluate(ctx):
     cfg = ctx.cfg
@@ -64,45 +106,25 @@ def evaluate(ctx):
         torch.manual_seed(0)
         backbone, segment, cluster = load_trained_modules(ctx, ctx.upstream["segment"]["file"])
         precision = Precision(cfg.precision, ctx.device)
-        dataset_loader = validation_loader(ctx, cfg.test_resolution)
-        metrics = {name: MatchedMetrics(cfg.n_classes, ctx.device) for name in VARIANTS}
-        probe = torch.zeros(2, device=ctx.device)
-        palette = ctx.dataset_info.palette
-        wanted_pictures = len(dataset_loader.dataset) if cfg.num_pictures < 0 else cfg.num_pictures
-        # The matched pictures need the final Hungarian matching, so only their CRF maps are kept,
-        # as bytes; every other picture is written as soon as it is predicted.
-        kept_crf = []
-        for _, _, batch in progress(ctx, dataset_loader, f"[test {cfg.head.upper()}] {cfg.dataset}"):
-            images, labels = batch["img"], batch["label"]
+
+        def predict(images, labels):
             plain, averaged = head_features(backbone, segment, images, flip=True, autocast=precision.autocast)
             cosine = cluster.cosine_logits(upsample(averaged, labels.shape[-2:]))
-            raw = cosine.argmax(dim=1)
-            crf = dense_crf_batch(images, crf_log_probs(cosine), pool=pool).argmax(1)
-            metrics["crf"].update(crf, labels)
-            metrics["no_crf"].update(raw, labels)
-            metrics["no_crf_no_flip"].update(cluster.predict(upsample(plain, labels.shape[-2:])), labels)
-            _, correct, counted = probe_cross_entropy(segment.linear(map_to_tokens(plain)), labels,
-                                                      cfg.n_classes)
-            probe += torch.stack([correct, counted]).float()
-            for i in range(min(len(images), wanted_pictures - len(kept_crf))):
-                index = int(batch["ind"][i])
-                save_pictures(ctx.paths.results, index, prediction_pictures(images[i], labels[i], raw[i], crf[i],
-                                                                            palette))
-                kept_crf.append((index, crf[i].to(torch.uint8).cpu()))  # at most 171 clusters (coco171)
+            maps = {"no_crf": cosine.argmax(dim=1),
+                    "no_crf_no_flip": cluster.predict(upsample(plain, labels.shape[-2:]))}
+            _, correct, counted = probe_cross_entropy(segment.linear(map_to_tokens(plain)), labels, cfg.n_classes)
+            return maps, {"crf": crf_log_probs(cosine)}, (correct, counted)
 
-    results = {name: metric.compute() for name, metric in metrics.items()}  # each Hungarian matching once
-    for index, crf in kept_crf:
-        save_pictures(ctx.paths.results, index,
-                      {"matched": colorize(results["crf"]["assignment"][crf.long()], palette)})
+        results, probe = score(ctx, pool, validation_loader(ctx, cfg.test_resolution), predict, VARIANTS,
+                               ctx.paths.results, f"[test {cfg.head.upper()}] {cfg.dataset}")
     report = {
         "dataset": cfg.dataset, "head": cfg.head, "backbone": cfg.arch, "checkpoint": str(cfg.ckpt),
         **{name: summary(result) for name, result in results.items()},
         "variants": VARIANTS,
         # The Hungarian matching of the paper's figure: the class each cluster stands for (predict.py uses it).
         "cluster_to_class": results["crf"]["assignment"].tolist(),
-        "linear_probe_pixel_accuracy_uses_labels": 100 * (probe[0] / probe[1].clamp(min=1)).item(),
-        "complete": True, "identity": ctx.identity, "upstream": ctx.upstream, "accepted_partial": ctx.warnings,
-        "version": project_version(), "written": now(),
+        "linear_probe_pixel_accuracy_uses_labels": probe,
+        **result_record(ctx),
     }
     save_text(json.dumps(report, indent=2, default=str), ctx.paths.metrics)
     print_report(cfg, ctx.paths, report)

@@ -24,11 +24,11 @@ from loader import DATASETS, build_dataset, check_layout, split_files, verify_re
 from loader.samplers import GlobalBatchSampler, evaluation_loader, share_of, training_loader
 from models import CheckpointError, load_backbone
 from modules.randomness import BatchRandom, mixed_seed
-from utils.runtime.config import ConfigError, recipe_for
+from utils.runtime.config import PRIMAPS_INIT, TRAINING, ConfigError, recipe_for
 from utils.runtime.distributed import (Dist, barrier, communication_device, launch, launch_single, process_count,
                                        requested_gpus, torchrun_rank, world_size)
 from utils.runtime.io import save_torch, save_text
-from utils.runtime.paths import ArtifactPaths
+from utils.runtime.paths import ArtifactPaths, paths_of
 from utils.runtime.records import (FingerprintCache, StaleInputError, check_complete, differences, identity_of,
                                    now, project_version, read_record, upstream_entry, write_record)
 
@@ -87,8 +87,7 @@ class StepContext:
 
 
 def artifact_paths(cfg):
-    return ArtifactPaths(cfg.dataset, cfg.baseline, cfg.num_codebook, cfg.head,
-                         cfg.output_root, cfg.results_root, cfg.logs_root)
+    return paths_of(cfg)
 
 
 def _label(cfg):
@@ -317,6 +316,10 @@ def _flatten(value, prefix, into):
         into[prefix] = value
 
 
+# The steps that train, and so save resume states.
+RESUMABLE = (*TRAINING, PRIMAPS_INIT)
+
+
 class ResumeState:
     """Per-epoch training state of an unfinished step (model, optimisers, schedulers, scaler, and each
     process's concept bank), written atomically after every finished epoch and removed when the step
@@ -337,7 +340,7 @@ class ResumeState:
     @staticmethod
     def describe(paths, cfg):
         """{path, epoch, identity} of a saved state, or None."""
-        path = paths.resume_state(cfg.step) if cfg.step == "mediator" or cfg.head else None
+        path = paths.resume_state(cfg.step) if cfg.step in RESUMABLE else None
         if path is None or not path.is_file():
             return None
         try:
@@ -348,7 +351,7 @@ class ResumeState:
 
     @staticmethod
     def discard(paths, cfg):
-        if torchrun_rank() != 0 or not (cfg.step == "mediator" or cfg.head):
+        if torchrun_rank() != 0 or cfg.step not in RESUMABLE:
             return
         path = paths.resume_state(cfg.step)
         for stale in [path, path.with_suffix(".json"), *path.parent.glob(path.stem + ".bank*.pt")]:
@@ -392,10 +395,12 @@ class ResumeState:
             ResumeState.discard(self.ctx.paths, self.ctx.cfg)
 
 
-def training_data(ctx, resolution):
-    """The training loader of this process and its sampler (loader/samplers.py)."""
+def training_data(ctx, resolution, dataset=None):
+    """The training loader of this process and its sampler (loader/samplers.py); `dataset`: the
+    training items when they are not the step's usual train set at `resolution`."""
     cfg, recipe, rank = ctx.cfg, ctx.recipe, ctx.dist.rank
-    dataset = build_dataset(cfg.dataset, cfg.data_dir, "train", resolution)
+    if dataset is None:
+        dataset = build_dataset(cfg.dataset, cfg.data_dir, "train", resolution)
     if recipe.shared_batch:
         sampler = GlobalBatchSampler(len(dataset), recipe.global_batch, shards=recipe.shards, shard=0,
                                      processes=recipe.processes, rank=rank, seed=cfg.seed)
@@ -429,7 +434,7 @@ def backbone_tokens(backbone, images, precision):
         return backbone(images)
 
 
-def fit(ctx, training, resolution, save_artifacts):
+def fit(ctx, training, resolution, save_artifacts, dataset=None):
     """The training loop shared by the training steps.
 
     `training` is the step's Training object: losses(batch, random) -> {name: tensor} for a batch
@@ -437,10 +442,10 @@ def fit(ctx, training, resolution, save_artifacts):
     "correct"/"counted" for the probe's accuracy where there is one), update(losses, random),
     end_epoch(), validate(epoch) -> {name: value}, state_dict()/load_state_dict(),
     process_state()/load_process_state() (the concept bank). `save_artifacts(ctx, epochs_done)`
-    writes the step's artifacts and their records on rank 0.
+    writes the step's artifacts and their records on rank 0. `dataset`: see training_data.
     """
     cfg, recipe = ctx.cfg, ctx.recipe
-    loader, sampler = training_data(ctx, resolution)
+    loader, sampler = training_data(ctx, resolution, dataset)
     ctx.samples_per_epoch = sampler.samples_per_epoch()
     ctx.steps_per_epoch = len(sampler) if cfg.max_steps is None else min(len(sampler), cfg.max_steps)
     group = training.group
@@ -453,7 +458,7 @@ def fit(ctx, training, resolution, save_artifacts):
         sampler.set_epoch(epoch)
         for index, bar, batch in progress(ctx, loader, f"[{label}] epoch {epoch + 1}/{cfg.epochs}", cfg.max_steps):
             share = sampler.share(index)
-            group.set_rows(_row_counts(recipe, share))
+            group.set_rows(row_counts(recipe, share))
             seed = mixed_seed(cfg.seed, epoch, index, -1 if recipe.shared_batch else ctx.dist.rank)
             random = BatchRandom(seed, share, ctx.device)
             losses = training.losses(batch, random)
@@ -504,7 +509,7 @@ def check_processes_agree(state):
                            f"updates diverged")
 
 
-def _row_counts(recipe, share):
+def row_counts(recipe, share):
     """The rows of the current global batch each process of the batch group holds, in rank order."""
     if not recipe.shared_batch:
         return [share.rows]
@@ -530,12 +535,13 @@ def check_finite(value, ctx, epoch, batch_index):
             f"({ctx.paths.resume_state(ctx.cfg.step)}); lower --lr or check the data before resuming.")
 
 
-def write_artifact_records(ctx, artifacts, epochs_done):
-    """Write the step's record beside each of its artifacts (rank 0, after the artifacts)."""
+def write_artifact_records(ctx, artifacts, epochs_done, extra=None):
+    """Write the step's record beside each of its artifacts (rank 0, after the artifacts); `extra`:
+    step-specific entries of the record."""
     cache = FingerprintCache(ctx.paths.fingerprint_cache)
     fingerprints = {str(path): cache.file(path) for path in artifacts}
     cache.save()
-    record = step_record(ctx, epochs_done, fingerprints)
+    record = {**step_record(ctx, epochs_done, fingerprints), **(extra or {})}
     for path in artifacts:
         write_record(path, record)
 
@@ -549,8 +555,13 @@ def training_settings(cfg, recipe, precision, **extra):
         "dataset": cfg.dataset, "arch": cfg.arch, "dino_small_heads": cfg.dino_small_heads,
         "num_codebook": cfg.num_codebook, "epochs": cfg.epochs, "max_steps": cfg.max_steps, "grid": cfg.grid,
         "train_resolution": cfg.train_resolution, "seed": cfg.seed, "precision": precision,
-        "recipe": recipe.name, "global_batch": recipe.global_batch, "lr": recipe.lr,
     }
+    return {**settings, **recipe_settings(recipe), **extra}
+
+
+def recipe_settings(recipe):
+    """The recipe's part of a training step's settings."""
+    settings = {"recipe": recipe.name, "global_batch": recipe.global_batch, "lr": recipe.lr}
     if not recipe.shared_batch:
         settings["processes"] = recipe.processes
-    return {**settings, **extra}
+    return settings

@@ -8,26 +8,33 @@ count, the recipe's batch and learning rate) is computed here, once.
 """
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from errors import UserError
 from loader import DATASETS
 from models import ARCHS, resolve_arch
 
-TRAINING = ("mediator", "front_door", "fine_tune")
-STEPS = ("crop", *TRAINING, "test")
+_CAUSE_TRAINING = ("mediator", "front_door", "fine_tune")
+TRAINING = (*_CAUSE_TRAINING, "primaps")
+STEPS = ("crop", *TRAINING, "test", "test_primaps")
 HEADS = ("mlp", "tr")
-_HEAD_STEPS = ("front_door", "fine_tune", "test")
-_MODEL_STEPS = (*TRAINING, "test")
+PRIMAPS_STEPS = ("primaps", "test_primaps")  # PRIMAPS.md; they take the head as an option (--head)
+PRIMAPS_MODES = ("cause", "backbone")
+# PriMaPs' backbone-mode initialisation runs as a step of its own inside train_primaps.py (no script).
+PRIMAPS_INIT = "primaps_init"
+_HEAD_STEPS = ("front_door", "fine_tune", "test", *PRIMAPS_STEPS)
+_MODEL_STEPS = (*TRAINING, "test", "test_primaps")
 _ALL = STEPS
 
-# Epochs of each step (SPEC §3-§5); the mediator's and front door's do not depend on the head.
-DEFAULT_EPOCHS = {"mediator": 1, "front_door": 2, ("fine_tune", "tr"): 5, ("fine_tune", "mlp"): 1}
+# Epochs of each step (SPEC §3-§5, PRIMAPS.md §2); the mediator's and front door's do not depend on the head.
+DEFAULT_EPOCHS = {"mediator": 1, "front_door": 2, ("fine_tune", "tr"): 5, ("fine_tune", "mlp"): 1, "primaps": 50}
 
 # The recipes (README, "Reproduce a table row"). The released models come from 4 GPUs that each
 # trained alone on rank 0..3's quarter of the crops, batch 16, lr 1e-3 × 4; only rank 0's was kept.
+# PriMaPs trained on one GPU (batch 32, lr 5e-3, every image each epoch).
 OFFICIAL_GPUS = 4
+PRIMAPS_GPUS = 1
 RECIPES = ("paper", "scaled")
 
 
@@ -41,6 +48,10 @@ class Option:
     steps: tuple
     group: str
     kwargs: dict
+    per_step: dict = field(default_factory=dict)  # {step: kwargs that differ there (default, help)}
+
+    def kwargs_of(self, step):
+        return {**self.kwargs, **self.per_step.get(step, {})}
 
 
 def _yes_no(value):
@@ -67,7 +78,7 @@ OPTIONS = (
         help="attention heads of DINO ViT-S: 12 as the official CAUSE code and its released heads, "
              "6 as DINO defines it")),
     Option(("--output_root",), _MODEL_STEPS, "artifacts", dict(type=Path, default=Path("CAUSE"))),
-    Option(("--results_root",), ("test",), "artifacts", dict(type=Path, default=Path("results"))),
+    Option(("--results_root",), ("test", "test_primaps"), "artifacts", dict(type=Path, default=Path("results"))),
     Option(("--logs_root",), TRAINING, "artifacts", dict(type=Path, default=Path("logs"))),
     Option(("--num_codebook",), _MODEL_STEPS, "artifacts", dict(type=int, default=2048)),
     Option(("--reduced_dim",), _HEAD_STEPS, "artifacts", dict(type=int, default=90)),
@@ -78,7 +89,7 @@ OPTIONS = (
         default="rerun", choices=("rerun", "refuse"),
         help="when an input of this step's earlier output changed (backbone, data, an earlier step's "
              "artifact, settings): rerun the step (default), or stop and say what changed")),
-    Option(("--accept_partial",), ("front_door", "fine_tune", "test"), "artifacts", dict(
+    Option(("--accept_partial",), ("front_door", "fine_tune", "test", *PRIMAPS_STEPS), "artifacts", dict(
         action="store_true",
         help="use an earlier step's artifact written by an interrupted run (recorded as such) instead of "
              "stopping")),
@@ -86,23 +97,33 @@ OPTIONS = (
         default="paper", choices=RECIPES,
         help="paper: the released models' optimisation on any process count (global batch 16 split over "
              "the processes, lr 1e-3 × 4, each epoch the quarter of the crops the official rank 0 saw); "
-             "scaled: every crop each epoch, batch 16 per process, lr 1e-3 × processes (not the paper's)")),
+             "scaled: every crop each epoch, batch 16 per process, lr 1e-3 × processes (not the paper's)"),
+        per_step={"primaps": dict(help="paper: PriMaPs' optimisation on any process count (global batch 32 split "
+                                       "over the processes, lr 5e-3, every image each epoch); scaled: batch 32 "
+                                       "per process, lr 5e-3 × processes")}),
     Option(("--epochs",), TRAINING, "training", dict(
-        type=int, default=None, help="default: 1 mediator, 2 front door, fine-tune 5 (TR) / 1 (MLP)")),
+        type=int, default=None, help="default: 1 mediator, 2 front door, fine-tune 5 (TR) / 1 (MLP), 50 PriMaPs")),
     Option(("--batch_size",), _MODEL_STEPS, "training", dict(
         type=int, default=16, help="training: the global batch (paper recipe) or the batch per process "
-                                   "(scaled); test: images per forward pass")),
+                                   "(scaled); test: images per forward pass"),
+        per_step={"primaps": dict(default=32, help="the global batch (paper recipe) or the batch per process "
+                                                   "(scaled); also the images per forward pass of the masks")}),
     Option(("--lr",), TRAINING, "training", dict(
         type=float, default=1e-3, help="base learning rate of one official GPU; the paper recipe multiplies "
-                                       "it by 4, the scaled one by the number of processes")),
+                                       "it by 4, the scaled one by the number of processes"),
+        per_step={"primaps": dict(default=5e-3, help="Adam's learning rate of the prototypes, the linear probe and "
+                                                     "the k-means initialisation (the scaled recipe multiplies it "
+                                                     "by the number of processes)")}),
     Option(("--max_steps",), TRAINING, "training", dict(
         type=int, default=None, help="stop each epoch after this many batches (smoke runs; recorded, so a "
                                      "later full run does not take the result for complete)")),
-    Option(("--grid",), TRAINING, "training", dict(
+    Option(("--grid",), _CAUSE_TRAINING, "training", dict(
         type=_yes_no, default=True, help="stochastic grid sampling (yes/no)")),
     Option(("--train_resolution",), _MODEL_STEPS, "training", dict(
         type=int, default=None,
-        help="default 320 (322 for DINOv2); the MLP head's front door and fine-tuning train at 224")),
+        help="default 320 (322 for DINOv2); the MLP head's front door and fine-tuning train at 224"),
+        per_step={"primaps": dict(help="training and pseudo-mask resolution, default 320 (322 for DINOv2); in "
+                                       "cause mode with the TR head, the one the CAUSE steps trained at")}),
     Option(("--test_resolution",), _HEAD_STEPS, "training", dict(
         type=int, default=None, help="default 320 (322 for DINOv2)")),
     Option(("--seed",), TRAINING, "training", dict(type=int, default=0)),
@@ -121,9 +142,28 @@ OPTIONS = (
     Option(("--port",), TRAINING, "processes", dict(
         type=int, default=12355, help="rendezvous port of a --gpu/--nproc spawn")),
     Option(("--num_workers",), _ALL, "processes", dict(type=int, default=min(4, os.cpu_count() or 1))),
-    Option(("--crf_workers",), ("test",), "evaluation", dict(type=int, default=min(8, os.cpu_count() or 1))),
-    Option(("--num_pictures",), ("test",), "evaluation", dict(
+    Option(("--crf_workers",), ("test", *PRIMAPS_STEPS), "evaluation", dict(
+        type=int, default=min(8, os.cpu_count() or 1), help="CPU processes running the dense CRF")),
+    Option(("--num_pictures",), ("test", "test_primaps"), "evaluation", dict(
         type=int, default=100, help="val images whose predictions are saved as pictures (-1: all of them)")),
+    Option(("--mode",), PRIMAPS_STEPS, "PriMaPs", dict(
+        default="cause", choices=PRIMAPS_MODES,
+        help="cause: fit the prototypes to CAUSE's own features (head_ema of the trained segment module, "
+             "prototypes initialised from its cluster probe; needs the CAUSE steps' artifacts); backbone: "
+             "PriMaPs-EM on the plain backbone (DINO's 6-head ViT-S), initialised by PCA and k-means")),
+    Option(("--head",), PRIMAPS_STEPS, "PriMaPs", dict(
+        default="tr", choices=HEADS, help="cause mode: the CAUSE head whose features are used")),
+    Option(("--threshold",), ("primaps",), "PriMaPs", dict(
+        type=float, default=0.4, help="mask proposal threshold ψ: a proposal keeps the patches whose cosine to its "
+                                      "anchor reaches ψ times the best one")),
+    Option(("--init_epochs",), ("primaps",), "PriMaPs", dict(
+        type=int, default=2, help="backbone mode: epochs of the cosine k-means initialisation")),
+    Option(("--pca_batches",), ("primaps",), "PriMaPs", dict(
+        type=int, default=93, help="backbone mode: global batches whose patch features the initial PCA reads")),
+    Option(("--keep_best_on_val",), ("primaps",), "PriMaPs", dict(
+        action="store_true",
+        help="keep the epoch whose θ_M scores the best val mIoU, as the official code does, instead of the last "
+             "one: this selects the model with the val labels")),
 )
 
 
@@ -140,12 +180,13 @@ def build_parser(step, head=None):
     """The parser of one step, from OPTIONS; `head` only changes the description."""
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; expected one of {STEPS}")
-    parser = argparse.ArgumentParser(description=f"CAUSE step: {step}" + (f" ({head.upper()} head)" if head else ""))
+    title = "PriMaPs-EM step" if step in PRIMAPS_STEPS else "CAUSE step"
+    parser = argparse.ArgumentParser(description=f"{title}: {step}" + (f" ({head.upper()} head)" if head else ""))
     groups = {}
     for option in options_of(step):
         if option.group not in groups:
             groups[option.group] = parser.add_argument_group(option.group)
-        groups[option.group].add_argument(*option.flags, **option.kwargs)
+        groups[option.group].add_argument(*option.flags, **option.kwargs_of(step))
     return parser
 
 
@@ -184,6 +225,11 @@ class Config:
     num_workers: int
     crf_workers: int
     num_pictures: int
+    mode: str
+    threshold: float
+    init_epochs: int
+    pca_batches: int
+    keep_best_on_val: bool
     # derived
     n_classes: int
     dim: int
@@ -209,6 +255,10 @@ def parse_config(step, head=None, argv=None):
     values = {option.flags[0][2:]: option.kwargs.get("default", False) for option in OPTIONS}
     values.update(given)
     _check_counts(values)
+    # The CAUSE scripts name their head; the PriMaPs steps take it as an option, used in cause mode only.
+    head_option = values.pop("head")
+    if step in PRIMAPS_STEPS:
+        head = head_option if values["mode"] == "cause" else None
     uses_model = step != "crop"
     arch = resolve_arch(values["ckpt"], values["arch"]) if uses_model else None
     spec = ARCHS[arch] if arch else None
@@ -227,11 +277,13 @@ def parse_config(step, head=None, argv=None):
 
 
 def _check_counts(values):
-    for name in ("epochs", "max_steps", "nproc", "batch_size"):
+    for name in ("epochs", "max_steps", "nproc", "batch_size", "init_epochs", "pca_batches", "crf_workers"):
         if values[name] is not None and values[name] < 1:
             raise ConfigError(f"--{name} must be at least 1, got {values[name]}")
     if values["num_workers"] < 0:
         raise ConfigError(f"--num_workers must be 0 or more, got {values['num_workers']}")
+    if not 0 < values["threshold"] <= 1:
+        raise ConfigError(f"--threshold must lie in (0, 1] (a fraction of the best cosine), got {values['threshold']}")
 
 
 def _check_resolutions(cfg):
@@ -262,6 +314,9 @@ class Recipe:
     shared_batch: bool  # ... and the processes split one global batch (paper) or read a shard each (scaled)
 
     def describe(self):
+        if self.shared_batch and self.shards == 1:
+            return (f"recipe {self.name}: global batch {self.global_batch} split over {self.processes} process(es) "
+                    f"({self.batch_per_process} each), lr {self.lr:g}, every training item each epoch")
         if self.shared_batch:
             return (f"recipe {self.name}: global batch {self.global_batch} split over {self.processes} process(es) "
                     f"({self.batch_per_process} each), lr {self.lr:g}, each epoch the quarter of the training set "
@@ -272,13 +327,14 @@ class Recipe:
 
 def recipe_for(cfg, processes):
     """The recipe of a training step of `cfg` run as `processes` processes."""
+    official_gpus = PRIMAPS_GPUS if cfg.step in ("primaps", PRIMAPS_INIT) else OFFICIAL_GPUS
     if cfg.recipe == "paper":
         if cfg.batch_size % processes:
             raise ConfigError(
                 f"the paper recipe splits the global batch of {cfg.batch_size} over the processes, and "
                 f"{processes} processes cannot share it equally: use a process count that divides "
                 f"{cfg.batch_size} (1, 2, 4, 8, 16 for the paper's 16) or --recipe scaled")
-        return Recipe("paper", processes, cfg.batch_size, cfg.batch_size // processes, cfg.lr * OFFICIAL_GPUS,
-                      OFFICIAL_GPUS, True)
+        return Recipe("paper", processes, cfg.batch_size, cfg.batch_size // processes, cfg.lr * official_gpus,
+                      official_gpus, True)
     return Recipe("scaled", processes, cfg.batch_size * processes, cfg.batch_size, cfg.lr * processes,
                   processes, False)

@@ -9,6 +9,15 @@ dropped into `CAUSE/` load unchanged:
     CAUSE/{dataset}/{baseline}/{K}/cluster_{head}.pth                fine-tune
     results/{dataset}/{MLP|TR}/{baseline}/{K}/                       test (metrics.json, pictures)
 
+PriMaPs-EM (PRIMAPS.md; `mode` cause or backbone):
+
+    CAUSE/{dataset}/primaps_masks/{masks name}/{image stem}.png      pseudo masks (masks.json: what made them)
+    CAUSE/{dataset}/{baseline}/{K}/primaps_{head}.pth                train_primaps, cause mode
+    CAUSE/{dataset}/primaps/{baseline}/init.pth                      train_primaps, backbone mode: PCA + k-means
+    CAUSE/{dataset}/primaps/{baseline}/primaps.pth                   train_primaps, backbone mode
+    results/{dataset}/PRIMAPS_{MLP|TR}/{baseline}/{K}/               test_primaps, cause mode
+    results/{dataset}/PRIMAPS_BACKBONE/{baseline}/                   test_primaps, backbone mode
+
 `baseline` is the backbone checkpoint's file stem. Beside every artifact a record with the same
 stem (`segment_tr.json`, ...) says what made it (utils/runtime/records.py); the test step's
 record is inside its metrics.json. Resume states of unfinished steps live in `resume/` beside
@@ -27,6 +36,7 @@ class ArtifactPaths:
     root: Path = Path("CAUSE")
     results_root: Path = Path("results")
     logs_root: Path = Path("logs")
+    primaps_mode: str | None = None  # "cause" | "backbone": which PriMaPs artifacts (None outside PriMaPs)
 
     @property
     def mediator_dir(self):
@@ -62,6 +72,9 @@ class ArtifactPaths:
     def resume_state(self, step):
         if step == "mediator":
             return self.mediator_dir / "resume" / "mediator.pt"
+        if step in ("primaps", "primaps_init"):
+            artifact = self.primaps if step == "primaps" else self.primaps_init
+            return self.primaps_dir / "resume" / f"{artifact.stem}.pt"
         return self.head_dir / "resume" / f"{step}_{self._head()}.pt"
 
     def resume_bank(self, step, rank):
@@ -77,6 +90,8 @@ class ArtifactPaths:
         return self.results / "metrics.json"
 
     def logs(self, step):
+        if step in ("primaps", "primaps_init") and self._primaps() == "backbone":
+            return Path(self.logs_root) / self.dataset / self.baseline / step
         name = step if step == "mediator" else f"{step}_{self._head()}"
         return Path(self.logs_root) / self.dataset / f"{self.baseline}_{self.num_codebook}" / name
 
@@ -85,7 +100,55 @@ class ArtifactPaths:
         """Content hashes of the files runs have read, by path, size and modification time."""
         return Path(self.root) / ".fingerprints.json"
 
+    def primaps_masks(self, name):
+        """The pseudo masks of one data set, backbone and mask settings (`name` says which)."""
+        return Path(self.root) / self.dataset / "primaps_masks" / name
+
+    def primaps_mask_files(self, name, image_files):
+        """The cached pseudo mask of each training image: named after the image file's stem."""
+        folder = self.primaps_masks(name)
+        return [folder / f"{Path(image).stem}.png" for image in image_files]
+
+    @property
+    def primaps_dir(self):
+        """Cause mode: beside the CAUSE files the prototypes start from; backbone mode: a folder of its own."""
+        if self._primaps() == "cause":
+            return self.head_dir
+        return Path(self.root) / self.dataset / "primaps" / self.baseline
+
+    @property
+    def primaps(self):
+        """PriMaPs-EM's prototypes (θ_R, θ_M), the initial ones and the linear probe."""
+        return self.primaps_dir / (f"primaps_{self._head()}.pth" if self._primaps() == "cause" else "primaps.pth")
+
+    @property
+    def primaps_init(self):
+        """Backbone mode's initial prototypes: PCA, then cosine k-means."""
+        return self.primaps_dir / "init.pth"
+
+    @property
+    def primaps_results(self):
+        if self._primaps() == "cause":
+            return (Path(self.results_root) / self.dataset / f"PRIMAPS_{self._head().upper()}" / self.baseline
+                    / str(self.num_codebook))
+        return Path(self.results_root) / self.dataset / "PRIMAPS_BACKBONE" / self.baseline
+
+    @property
+    def primaps_metrics(self):
+        return self.primaps_results / "metrics.json"
+
+    def _primaps(self):
+        if self.primaps_mode not in ("cause", "backbone"):
+            raise ValueError(f"PriMaPs artifacts need primaps_mode 'cause' or 'backbone', got {self.primaps_mode!r}")
+        return self.primaps_mode
+
     def _head(self):
         if self.head not in ("mlp", "tr"):
             raise ValueError(f"this artifact belongs to a head; expected head 'mlp' or 'tr', got {self.head!r}")
         return self.head
+
+
+def paths_of(cfg):
+    """The ArtifactPaths of a run's Config."""
+    return ArtifactPaths(cfg.dataset, cfg.baseline, cfg.num_codebook, cfg.head, cfg.output_root, cfg.results_root,
+                         cfg.logs_root, cfg.mode)
