@@ -5,13 +5,15 @@
     front_door  front_door.py   the segmentation head (SPEC §4)
     fine_tune   fine_tune.py    the cluster probe (SPEC §5)
     test        evaluate.py     prediction, CRF, metrics (SPEC §6)
+    primaps     primaps.py      PriMaPs-EM's prototypes (PRIMAPS.md §1-§2; pseudo masks: primaps_masks.py)
+    test_primaps  evaluate_primaps.py  PriMaPs-EM's evaluation (PRIMAPS.md §3)
 
 Each module has `run(cfg)`; `engine(step)` imports only the one asked for, so `--help` stays fast.
 """
 import importlib
 
 MODULES = {"crop": "crop", "mediator": "mediator", "front_door": "front_door", "fine_tune": "fine_tune",
-           "test": "evaluate"}
+           "test": "evaluate", "primaps": "primaps", "test_primaps": "evaluate_primaps"}
 
 
 def engine(step):

@@ -1,6 +1,9 @@
 """`bash run`: every step of CAUSE for one dataset, head and backbone, each with its own options.
 
-    bash run [demo] [--head tr|mlp] [OPTION ...]
+    bash run [demo] [--head tr|mlp] [--primaps] [OPTION ...]
+
+--primaps adds PriMaPs-EM after the CAUSE steps (train_primaps.py, test_primaps.py; cause mode by
+default, `--mode backbone` for the plain backbone) and ends by printing both results.
 
 An option goes to the steps it is meant for: `--front_door.epochs 2` to that step alone, `--epochs 1`
 to every step that has an --epochs option, shared options (--dataset, --data_dir, --ckpt, --seed,
@@ -8,6 +11,7 @@ to every step that has an --epochs option, shared options (--dataset, --data_dir
 before any step starts. The environment gives defaults: DATASET, HEAD, CKPT, DATA_DIR, GPU.
 Each step skips work whose output is up to date and resumes an interrupted one (README).
 """
+import json
 import os
 import shlex
 import subprocess
@@ -15,12 +19,14 @@ import sys
 from pathlib import Path
 
 from errors import UserError
-from utils.runtime.config import HEADS, OPTIONS, option_names, parse_config
+from utils.runtime.config import HEADS, OPTIONS, PRIMAPS_STEPS, option_names, parse_config
+from utils.runtime.paths import paths_of
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ("crop", "mediator", "front_door", "fine_tune", "test")
 SCRIPTS = {"crop": "crop_dataset.py", "mediator": "train_mediator.py", "front_door": "train_front_door_{head}.py",
-           "fine_tune": "fine_tuning_{head}.py", "test": "test_{head}.py"}
+           "fine_tune": "fine_tuning_{head}.py", "test": "test_{head}.py", "primaps": "train_primaps.py",
+           "test_primaps": "test_primaps.py"}
 HEAD_STEPS = ("front_door", "fine_tune", "test")
 ENVIRONMENT = {"DATASET": "dataset", "CKPT": "ckpt", "DATA_DIR": "data_dir", "GPU": "gpu"}
 # Options that name one step's own work: given without a step they would redo more than meant.
@@ -76,11 +82,12 @@ def route(tokens, steps):
 def usage():
     lines = [__doc__.strip(), "", "pipeline options:",
              "  demo                 run on the embedded demo data (default when no data is configured)",
-             f"  --head {{{','.join(HEADS)}}}       the segmentation head (default tr)", "",
+             f"  --head {{{','.join(HEADS)}}}       the segmentation head (default tr)",
+             "  --primaps            then PriMaPs-EM (train_primaps.py, test_primaps.py) and both results", "",
              "step options (--NAME for every step that has it, --STEP.NAME for one):"]
     for option in OPTIONS:
         name = option.flags[0]
-        steps = [s for s in PIPELINE if s in option.steps]
+        steps = [s for s in (*PIPELINE, *PRIMAPS_STEPS) if s in option.steps]
         help_text = option.kwargs.get("help", "")
         lines.append(f"  {name:<20} [{', '.join(steps)}] {help_text}".rstrip())
     return "\n".join(lines)
@@ -95,6 +102,8 @@ def main(argv=None):
     if demo:
         tokens = tokens[1:]
     head = os.environ.get("HEAD", "tr")
+    primaps = "--primaps" in tokens
+    tokens = [token for token in tokens if token != "--primaps"]
     rest = []
     i = 0
     while i < len(tokens):
@@ -122,16 +131,31 @@ def main(argv=None):
         from utils.tools.demo import prepare
         data_dir, ckpt, options = prepare(ROOT / "demo")
         defaults = [*options, f"--data_dir={data_dir}", f"--ckpt={ckpt}", "--dataset=cocostuff27"]
-    routed = route(defaults + rest, PIPELINE)
-    for step in PIPELINE:  # every step's options are checked before the first one starts
-        parse_config(step, head if step in HEAD_STEPS else None, routed[step])
-    for step in PIPELINE:
+    steps = (*PIPELINE, *PRIMAPS_STEPS) if primaps else PIPELINE
+    routed = route(defaults + rest, steps)
+    for step in PRIMAPS_STEPS if primaps else ():
+        routed[step] = ["--head", head, *routed[step]]
+    # Every step's options are checked before the first one starts.
+    configs = {step: parse_config(step, head if step in HEAD_STEPS else None, routed[step]) for step in steps}
+    for step in steps:
         command = [sys.executable, SCRIPTS[step].format(head=head), *routed[step]]
         print("+ " + shlex.join(command[1:]), flush=True)
         done = subprocess.run(command, cwd=ROOT)
         if done.returncode:
             return done.returncode
+    if primaps:
+        print_both(configs["test"], configs["test_primaps"])
     return 0
+
+
+def print_both(cause, primaps):
+    """CAUSE's result and PriMaPs-EM's, after the CRF, from their metrics.json."""
+    ours = json.loads(paths_of(cause).metrics.read_text())
+    theirs = json.loads(paths_of(primaps).primaps_metrics.read_text())
+    name = f"CAUSE {cause.head.upper()}"
+    added = f"{name} + PriMaPs-EM" if primaps.mode == "cause" else "PriMaPs-EM on the backbone"
+    print(f"{name:<{len(added)}}  mIoU {ours['crf']['mIoU']:.1f}  pAcc {ours['crf']['pAcc']:.1f}  (after the CRF)")
+    print(f"{added}  mIoU {theirs['crf']['mIoU']:.1f}  pAcc {theirs['crf']['pAcc']:.1f}  (θ_M after the CRF)")
 
 
 if __name__ == "__main__":

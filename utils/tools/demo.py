@@ -8,9 +8,10 @@ The demo's numbers check the pipeline on synthetic images; they are not the pape
 """
 from pathlib import Path
 
+from loader.datasets import COCO_LIST, COCO_LIST_7
 from loader.synthetic import make_synthetic_cocostuff
 from models import stand_in_release
-from utils.runtime.io import save_torch
+from utils.runtime.io import save_text, save_torch
 
 DEMO_ARCH = "dino_vit_tiny_8"
 
@@ -28,6 +29,9 @@ def prepare(root, n_train=24, n_val=12, image_size=192, seed=0):
     data_dir = root / "data"
     if not (data_dir / "cocostuff" / "curated" / "val2017").is_dir():
         make_synthetic_cocostuff(data_dir, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
+    train_lists = data_dir / "cocostuff" / "curated" / "train2017"
+    if not (train_lists / COCO_LIST_7).is_file():  # a demo written before PriMaPs, which reads this list
+        save_text((train_lists / COCO_LIST).read_text(), train_lists / COCO_LIST_7)
     ckpt = root / "checkpoint" / f"{DEMO_ARCH}.pth"
     if not ckpt.is_file():
         save_torch(stand_in_release(DEMO_ARCH), ckpt)

@@ -1,0 +1,128 @@
+"""PriMaPs-EM's test step (PRIMAPS.md §3): θ_M (the headline, as PriMaPs reports it), θ_R and the
+prototypes they started from, each without and with the dense CRF, scored as the CAUSE test step
+scores (evaluate.score: Hungarian-matched mIoU, pixel accuracy, per-class IoU, pictures).
+
+The features are averaged with the mirrored image's; the logits are upsampled to the label size and
+the CRF is fed their log_softmax. The initial prototypes predict by cosine, as the official k-means
+probe does: in backbone mode they are PriMaPs' "baseline" row, in cause mode CAUSE's own
+prediction (its cluster probe; CAUSE's CRF input is log_softmax(3 · cosine), this one log_softmax(cosine)).
+"""
+import json
+
+import torch
+
+from modules.crf import crf_pool
+from modules.features import flip_averaged, upsample
+from modules.losses import probe_cross_entropy
+from modules.primaps import PriMaPsModel
+from utils.engine import evaluate
+from utils.engine.loop import Precision, StepSpec, Upstream, run_step, validation_loader
+from utils.engine.primaps import MOMENTUM_MAX_DECAY, feature_dim, load_features
+from utils.runtime.artifacts import load_state_strict
+from utils.runtime.io import save_text
+
+# The headline's variants keep the CAUSE test step's names, so both metrics.json read alike.
+VARIANTS = {
+    "crf": "θ_M (the momentum prototypes: PriMaPs' reported model) after the CRF",
+    "no_crf": "θ_M without the CRF",
+    "theta_r_crf": "θ_R (the prototypes the focal loss trains) after the CRF",
+    "theta_r_no_crf": "θ_R without the CRF",
+    "init_crf": "the initial prototypes (backbone mode: PCA + k-means, PriMaPs' baseline; cause mode: CAUSE's "
+                "cluster probe) by cosine, after the CRF",
+    "init_no_crf": "the initial prototypes by cosine, without the CRF",
+}
+_PREFIXES = {"": "momentum", "theta_r_": "online", "init_": "initial_cosine"}
+
+
+def _label(cfg):
+    return f"[test primaps {cfg.head.upper() if cfg.head else 'backbone'}]"
+
+
+def trained_by(cfg):
+    return f"train_primaps.py --mode {cfg.mode}" + (f" --head {cfg.head}" if cfg.head else "")
+
+
+@torch.no_grad()
+def evaluate_primaps(ctx):
+    cfg = ctx.cfg
+    with crf_pool(cfg.crf_workers) as pool:  # before the models reach a GPU (modules/crf.py)
+        torch.manual_seed(0)
+        features, _ = load_features(ctx, Precision(cfg.precision, ctx.device))
+        model = PriMaPsModel(feature_dim(cfg), cfg.n_classes, MOMENTUM_MAX_DECAY).to(ctx.device)
+        load_state_strict(model, ctx.paths.primaps, "PriMaPs model", trained_by(cfg))
+
+        def predict(images, labels):
+            _, averaged = flip_averaged(features, images)
+            maps, crf_inputs = {}, {}
+            for prefix, predictor in _PREFIXES.items():
+                logits = upsample(getattr(model, predictor)(averaged), labels.shape[-2:])
+                maps[prefix + "no_crf"] = logits.argmax(dim=1)
+                crf_inputs[prefix + "crf"] = logits.log_softmax(dim=1)
+            _, correct, counted = probe_cross_entropy(model.linear(averaged), labels, cfg.n_classes)
+            return maps, crf_inputs, (correct, counted)
+
+        results, probe = evaluate.score(ctx, pool, validation_loader(ctx, cfg.test_resolution), predict, VARIANTS,
+                                        ctx.paths.primaps_results, f"{_label(cfg)} {cfg.dataset}")
+    report = {
+        "dataset": cfg.dataset, "mode": cfg.mode, "head": cfg.head, "backbone": cfg.arch, "checkpoint": str(cfg.ckpt),
+        **{name: evaluate.summary(result) for name, result in results.items()},
+        "variants": VARIANTS,
+        "cluster_to_class": results["crf"]["assignment"].tolist(),
+        "linear_probe_pixel_accuracy_uses_labels": probe,
+        **evaluate.result_record(ctx),
+    }
+    save_text(json.dumps(report, indent=2, default=str), ctx.paths.primaps_metrics)
+    print_report(cfg, ctx.paths, report)
+    return report
+
+
+def print_report(cfg, paths, report):
+    label = _label(cfg)
+    released = [entry["file"] for entry in report["upstream"].values() if entry["origin"] == "released"]
+    if released:
+        print(f"{label} released files (no record of how they were made): {', '.join(released)}")
+    for name in VARIANTS:
+        print(f"{label} {name:<15} mIoU {report[name]['mIoU']:5.1f}  pAcc {report[name]['pAcc']:5.1f}  "
+              f"({VARIANTS[name]})")
+    print(f"{label} linear probe (uses labels) pixel accuracy {report['linear_probe_pixel_accuracy_uses_labels']:.1f}")
+    print(f"{label} metrics: {paths.primaps_metrics}; pictures: {paths.primaps_results}")
+    print(evaluate.final_line(report))
+
+
+def show_existing(cfg, paths):
+    """An up-to-date test step still ends with its result's numbers."""
+    report = json.loads(paths.primaps_metrics.read_text())
+    print_report(cfg, paths, report)
+    return report
+
+
+def _settings(cfg, recipe, precision):
+    settings = {"dataset": cfg.dataset, "arch": cfg.arch, "mode": cfg.mode, "test_resolution": cfg.test_resolution,
+                "precision": precision, "num_pictures": cfg.num_pictures}
+    if cfg.mode == "cause":
+        settings.update(head=cfg.head, dino_small_heads=cfg.dino_small_heads, num_codebook=cfg.num_codebook,
+                        reduced_dim=cfg.reduced_dim, projection_dim=cfg.projection_dim,
+                        train_resolution=cfg.train_resolution)
+    return settings
+
+
+def _upstream(cfg, paths):
+    """The PriMaPs model, and in cause mode the CAUSE artifacts its features come from."""
+    cause = evaluate.SPEC.upstream(cfg, paths) if cfg.mode == "cause" else {}
+    return {**cause, "primaps": Upstream(paths.primaps, trained_by(cfg))}
+
+
+SPEC = StepSpec(
+    name="test_primaps",
+    outputs=lambda paths: [paths.primaps_metrics],
+    upstream=_upstream,
+    data=("val",),
+    settings=_settings,
+    worker=evaluate_primaps,
+    single_process=True,
+    on_skip=show_existing,
+)
+
+
+def run(cfg):
+    return run_step(cfg, SPEC)
