@@ -41,15 +41,31 @@ def matched_picture_accuracy(results, val):
     return 100 * correct / counted
 
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """demo_run(head) -> (root, data_dir, args): the demo's CAUSE steps for `head`, run once for the tests
+    that read them."""
+    runs = {}
+
+    def run(head):
+        if head not in runs:
+            root = tmp_path_factory.mktemp(f"demo_{head}")
+            data_dir, ckpt, options = prepare(root, n_train=12, n_val=6, image_size=128, seed=0)
+            args = ["--data_dir", str(data_dir), "--ckpt", str(ckpt), *options]
+            run_step("crop", None, args)
+            run_step("mediator", None, args)
+            run_step("front_door", head, args)
+            run_step("fine_tune", head, [*args, "--epochs", "3"])
+            run_step("test", head, [*args, "--num_pictures", "-1"])
+            runs[head] = (root, data_dir, args)
+        return runs[head]
+
+    return run
+
+
 @pytest.mark.parametrize("head", ["tr", "mlp"])
-def test_demo_pipeline_beats_a_random_assignment_by_far(tmp_path, head):
-    data_dir, ckpt, options = prepare(tmp_path, n_train=12, n_val=6, image_size=128, seed=0)
-    args = ["--data_dir", str(data_dir), "--ckpt", str(ckpt), *options]
-    run_step("crop", None, args)
-    run_step("mediator", None, args)
-    run_step("front_door", head, args)
-    run_step("fine_tune", head, [*args, "--epochs", "3"])
-    run_step("test", head, [*args, "--num_pictures", "-1"])
+def test_demo_pipeline_beats_a_random_assignment_by_far(demo_run, head):
+    tmp_path, data_dir, _ = demo_run(head)
     results = tmp_path / "results/cocostuff27" / head.upper() / "dino_vit_tiny_8/64"
     metrics = json.loads((results / "metrics.json").read_text())
     assert matched_picture_accuracy(results, build_dataset("cocostuff27", data_dir, "val", 96)) == pytest.approx(
@@ -60,3 +76,19 @@ def test_demo_pipeline_beats_a_random_assignment_by_far(tmp_path, head):
     for variant in ("crf", "no_crf", "no_crf_no_flip"):
         assert metrics[variant]["mIoU"] > max(10 * chance_miou, 15)
         assert metrics[variant]["pAcc"] > majority + 20, "better than labelling everything as the commonest class"
+
+
+@pytest.mark.parametrize("mode", ["cause", "backbone"])
+def test_demo_primaps_beats_a_random_assignment_by_far(demo_run, mode):
+    root, data_dir, args = demo_run("tr")
+    args = [*args, "--mode", mode, "--head", "tr", "--epochs", "20"]
+    run_step("primaps", None, args)
+    run_step("test_primaps", None, args)
+    results = "PRIMAPS_TR/dino_vit_tiny_8/64" if mode == "cause" else "PRIMAPS_BACKBONE/dino_vit_tiny_8"
+    metrics = json.loads((root / "results/cocostuff27" / results / "metrics.json").read_text())
+    chance_miou, majority = chance_levels(data_dir, 96, 27)
+    print(f"demo, PriMaPs-EM {mode} mode: θ_M CRF mIoU {metrics['crf']['mIoU']:.1f} pAcc {metrics['crf']['pAcc']:.1f}; "
+          f"initial prototypes CRF mIoU {metrics['init_crf']['mIoU']:.1f}; random assignment mIoU {chance_miou:.1f}")
+    for variant in ("crf", "no_crf", "theta_r_crf", "theta_r_no_crf"):
+        assert metrics[variant]["mIoU"] > max(10 * chance_miou, 15), variant
+        assert metrics[variant]["pAcc"] > majority + 20, variant

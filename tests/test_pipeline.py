@@ -32,10 +32,10 @@ def tiny_run(tmp_path_factory):
     return root, data_dir, ckpt
 
 
-def run_chain(root, data_dir, ckpt, head):
+def run_chain(root, data_dir, ckpt, head, *extra):
     args = ["bash", str(ROOT / "run"), "--head", head, "--data_dir", str(data_dir), "--ckpt", str(ckpt), *SMALL,
             "--output_root", str(root / "CAUSE"), "--results_root", str(root / "results"),
-            "--logs_root", str(root / "logs")]
+            "--logs_root", str(root / "logs"), *extra]
     env = {**os.environ, "PYTHON": sys.executable}
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -76,3 +76,20 @@ def test_run_chains_every_step_then_skips_finished_ones(tiny_run, head):
     again = run_chain(root, data_dir, ckpt, head)
     assert again.count("skipping") == 5, again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_run_with_primaps_adds_its_steps_in_cause_mode_and_prints_both_results(tiny_run):
+    root, data_dir, ckpt = tiny_run
+    output = run_chain(root, data_dir, ckpt, "tr", "--primaps", "--primaps.epochs", "2")
+    assert "+ train_primaps.py --head tr" in output and "+ test_primaps.py --head tr" in output
+    masks = root / "CAUSE/cocostuff27/primaps_masks/dino_vit_tiny_8_64px_threshold0.4_seed0"
+    assert len(list(masks.glob("*.png"))) == 4, "one pseudo mask per train image"
+    model = root / "CAUSE/cocostuff27/dino_vit_tiny_8/16/primaps_tr.pth"
+    record = json.loads(model.with_suffix(".json").read_text())
+    assert record["complete"] and record["identity"]["settings"]["mode"] == "cause"
+    assert set(record["upstream"]) == {"modular", "segment", "cluster"}, "cause mode reads the CAUSE artifacts"
+    cause = json.loads((root / "results/cocostuff27/TR/dino_vit_tiny_8/16/metrics.json").read_text())
+    primaps = json.loads((root / "results/cocostuff27/PRIMAPS_TR/dino_vit_tiny_8/16/metrics.json").read_text())
+    both = [line for line in output.splitlines() if line.startswith("CAUSE TR ")]
+    assert len(both) == 2 and f"mIoU {cause['crf']['mIoU']:.1f}" in both[0], both
+    assert both[1].startswith("CAUSE TR + PriMaPs-EM ") and f"mIoU {primaps['crf']['mIoU']:.1f}" in both[1]
