@@ -127,9 +127,8 @@ def run_step(cfg, spec):
                  for split in spec.data},
         "upstream": {name: identity_of(entry) for name, entry in upstream.items()},
     }
-    if torchrun_rank() == 0:
-        fingerprints.save()
-    if not _decide_to_run(cfg, spec, paths, identity):
+    if not _decide_to_run(cfg, spec, paths, identity, fingerprints):
+        _keep(fingerprints)
         return spec.on_skip(cfg, paths) if spec.on_skip else None
     if "val" in spec.data:
         # Every val file is decoded before the run starts (the train crops are this project's own
@@ -139,7 +138,15 @@ def run_step(cfg, spec):
         _say(f"[{_label(cfg)}] {recipe.describe()}; precision {identity['settings']['precision']}, "
              f"seed {cfg.seed}, {cfg.epochs} epoch(s)")
     worker = _StepWorker(spec.worker, paths, recipe, identity, upstream, warnings)
-    return (launch_single if spec.single_process else launch)(worker, cfg)
+    result = (launch_single if spec.single_process else launch)(worker, cfg)
+    _keep(fingerprints)
+    return result
+
+
+def _keep(fingerprints):
+    """Save the hashes taken, once the step has done its work: a run refused at its start writes nothing."""
+    if torchrun_rank() == 0:
+        fingerprints.save()
 
 
 def _resolved_precision(cfg, spec):
@@ -149,7 +156,7 @@ def _resolved_precision(cfg, spec):
     return "fp16" if gpus or (not spec.single_process and torch.cuda.is_available()) else "fp32"
 
 
-def _decide_to_run(cfg, spec, paths, identity):
+def _decide_to_run(cfg, spec, paths, identity, fingerprints):
     """False when the step's output is up to date; prints why a step runs again."""
     label = _label(cfg)
     main = Path(spec.outputs(paths)[0])
@@ -178,7 +185,14 @@ def _decide_to_run(cfg, spec, paths, identity):
              f"is. Pass --restart to make it again.")
         return False
     changed = differences(record.get("identity", {}), identity)
-    if record.get("complete") and not changed and all(Path(p).is_file() for p in spec.outputs(paths)):
+    recorded = record.get("artifacts", {})
+    damaged = [str(p) for p in spec.outputs(paths)
+               if not Path(p).is_file() or (str(p) in recorded and fingerprints.file(p) != recorded[str(p)])]
+    if damaged:
+        _say(f"[{label}] {', '.join(damaged)} is not what its run wrote (missing, damaged or replaced); running the "
+             f"step again")
+        return True
+    if record.get("complete") and not changed:
         _say(f"[{label}] {main} is up to date (made from the same inputs and settings); skipping. "
              f"Pass --restart to make it again.")
         return False

@@ -213,12 +213,12 @@ class BatchGroup:
         """The group's rows of `tensor` [rows, ...] concatenated in rank order: the whole global batch."""
         if not self.shared:
             return tensor
+        # Collectives need equal shapes: every process sends its rows padded to the largest share.
         most = max(self.row_counts)
         padded = tensor.new_zeros((most, *tensor.shape[1:]))
         padded[:tensor.shape[0]] = tensor
-        slots = tensor.new_empty((len(self.row_counts) * most, *tensor.shape[1:]))
-        dist.all_gather_into_tensor(slots, padded.contiguous())
-        parts = slots.split(most)
+        parts = [torch.empty_like(padded) for _ in self.row_counts]
+        dist.all_gather(parts, padded)
         return torch.cat([part[:rows] for part, rows in zip(parts, self.row_counts, strict=True)])
 
     def reduce_gradients(self, parameters):

@@ -73,6 +73,27 @@ def route(tokens, steps):
     return routed
 
 
+def split_head(tokens, head):
+    """(the head, the other tokens): --head is the pipeline's own option (it picks the scripts)."""
+    rest = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i] == "--head":
+            if i + 1 >= len(tokens):
+                raise PipelineError("--head needs a value: mlp or tr")
+            head = tokens[i + 1]
+            i += 2
+            continue
+        if tokens[i].startswith("--head="):
+            head = tokens[i].split("=", 1)[1]
+        else:
+            rest.append(tokens[i])
+        i += 1
+    if head not in HEADS:
+        raise PipelineError(f"--head must be mlp or tr, got {head!r}")
+    return head, rest
+
+
 def usage():
     lines = [__doc__.strip(), "", "pipeline options:",
              "  demo                 run on the embedded demo data (default when no data is configured)",
@@ -94,23 +115,7 @@ def main(argv=None):
     demo = bool(tokens) and tokens[0] == "demo"
     if demo:
         tokens = tokens[1:]
-    head = os.environ.get("HEAD", "tr")
-    rest = []
-    i = 0
-    while i < len(tokens):
-        if tokens[i] == "--head":
-            if i + 1 >= len(tokens):
-                raise PipelineError("--head needs a value: mlp or tr")
-            head = tokens[i + 1]
-            i += 2
-            continue
-        if tokens[i].startswith("--head="):
-            head = tokens[i].split("=", 1)[1]
-        else:
-            rest.append(tokens[i])
-        i += 1
-    if head not in HEADS:
-        raise PipelineError(f"--head must be mlp or tr, got {head!r}")
+    head, rest = split_head(tokens, os.environ.get("HEAD", "tr"))
     defaults = [f"--{option}={os.environ[variable]}" for variable, option in ENVIRONMENT.items()
                 if os.environ.get(variable)]
     data_given = any(t.split("=")[0].endswith("data_dir") for t in rest + defaults) or os.environ.get("CAUSE_DATA_DIR")
