@@ -164,7 +164,7 @@ def test_a_compact_bank_gives_the_same_loss_as_the_fixed_shape_one():
     proj_ema = torch.randn(batch, tokens, 12, generator=gen)
     banks = [ConceptBank(k, 12, capacity=4, compact=compact) for compact in (False, True)]
     losses = [[contrastive_loss(feat, proj, proj_ema, codebook, bank) for bank in banks]]
-    for step in range(3):
+    for _ in range(3):
         index, values = torch.randint(0, k, (10,), generator=gen), torch.randn(10, 12, generator=gen)
         order = torch.randperm(10, generator=gen)
         for bank in banks:
