@@ -102,7 +102,7 @@ def evaluate(ctx):
         "cluster_to_class": results["crf"]["assignment"].tolist(),
         "linear_probe_pixel_accuracy_uses_labels": 100 * (probe[0] / probe[1].clamp(min=1)).item(),
         "complete": True, "identity": ctx.identity, "upstream": ctx.upstream, "accepted_partial": ctx.warnings,
-        "version": project_version(), "written": now(),
+        "version": project_version(), "written": now(), "run_id": ctx.run_id,
     }
     save_text(json.dumps(report, indent=2, default=str), ctx.paths.metrics)
     print_report(cfg, ctx.paths, report)

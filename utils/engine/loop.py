@@ -10,6 +10,7 @@ artifacts and their records) is written once, here.
 import json
 import math
 import sys
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class StepContext:
     identity: dict
     upstream: dict
     warnings: list = field(default_factory=list)
+    run_id: str = ""  # names this run in its records: a later step's inputs change when an earlier step reruns
     samples_per_epoch: int | None = None  # set by fit: what the records say of the recipe
     steps_per_epoch: int | None = None
 
@@ -137,7 +139,7 @@ def run_step(cfg, spec):
     if recipe is not None:
         _say(f"[{_label(cfg)}] {recipe.describe()}; precision {identity['settings']['precision']}, "
              f"seed {cfg.seed}, {cfg.epochs} epoch(s)")
-    worker = _StepWorker(spec.worker, paths, recipe, identity, upstream, warnings)
+    worker = _StepWorker(spec.worker, paths, recipe, identity, upstream, warnings, uuid.uuid4().hex)
     result = (launch_single if spec.single_process else launch)(worker, cfg)
     _keep(fingerprints)
     return result
@@ -237,7 +239,7 @@ def step_record(ctx, epochs_done, artifact_fingerprints=None):
         "precision": ctx.identity["settings"]["precision"], "seed": cfg.seed,
         "label_leak": cfg.label_leak, "backbone": {"file": str(cfg.ckpt), **ctx.identity["backbone"]},
         "upstream": {name: {k: v for k, v in entry.items() if k != "record"} for name, entry in ctx.upstream.items()},
-        "accepted_partial": ctx.warnings, "version": project_version(), "written": now(),
+        "accepted_partial": ctx.warnings, "version": project_version(), "written": now(), "run_id": ctx.run_id,
         "command": " ".join(sys.argv),
     }
     if recipe is not None:
@@ -461,6 +463,9 @@ def fit(ctx, training, resolution, save_artifacts):
     logger = Logger(ctx)
     logger.record(step_record(ctx, 0))
     resume = ResumeState(ctx, recipe.shared_batch)
+    # Under torchrun every process decided on its own; rank 0 discarded a stale or --restart-ed state
+    # before it started: wait for it, so that no process resumes from what rank 0 dropped.
+    barrier()
     resume.load(training)
     label = _label(cfg)
     for epoch in range(resume.first_epoch, cfg.epochs):
