@@ -136,7 +136,6 @@ def _settings(cfg, recipe, precision):
 
 
 SPEC = StepSpec(
-    name="test",
     outputs=lambda paths: [paths.metrics],
     upstream=lambda cfg, paths: {
         "modular": Upstream(paths.modular, "train_mediator.py"),

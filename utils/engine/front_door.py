@@ -148,7 +148,6 @@ def train(ctx):
 
 
 SPEC = StepSpec(
-    name="front_door",
     outputs=lambda paths: [paths.segment],
     upstream=lambda cfg, paths: {"modular": Upstream(paths.modular, "train_mediator.py")},
     data=("train", "val"),

@@ -55,7 +55,6 @@ class StepSpec:
     worker: the work of one process; single_process: runs in one process whatever --gpu says;
     on_skip: prints the result of an up-to-date step.
     """
-    name: str
     outputs: Callable
     upstream: Callable
     data: tuple
@@ -121,12 +120,9 @@ def run_step(cfg, spec):
         upstream[name] = upstream_entry(wanted.path, wanted.produced_by, fingerprints)
     warnings = check_complete(upstream, cfg.accept_partial)
     identity = {
-        "settings": spec.settings(cfg, recipe, _resolved_precision(cfg, spec)),
+        "settings": spec.settings(cfg, recipe, _resolved_precision(cfg)),
         "backbone": {"arch": cfg.arch, "fingerprint": fingerprints.file(cfg.ckpt)},
-        "data": {split: fingerprints.file_list(split_files(cfg.dataset, cfg.data_dir, split,
-                                                           curated_7=spec.curated_7 and split == "train")[0],
-                                               cfg.data_dir)
-                 for split in spec.data},
+        "data": {split: fingerprints.file_list(_data_files(cfg, spec, split), cfg.data_dir) for split in spec.data},
         "upstream": {name: identity_of(entry) for name, entry in upstream.items()},
     }
     if not _decide_to_run(cfg, spec, paths, identity, fingerprints):
@@ -151,11 +147,17 @@ def _keep(fingerprints):
         fingerprints.save()
 
 
-def _resolved_precision(cfg, spec):
+def _data_files(cfg, spec, split):
+    """The image and label files a step reads of `split`: what its data fingerprint covers."""
+    images, labels = split_files(cfg.dataset, cfg.data_dir, split, curated_7=spec.curated_7 and split == "train")
+    return images + labels
+
+
+def _resolved_precision(cfg):
+    """What --precision auto means here: the official fp16 where the step runs on a GPU, else fp32."""
     if cfg.precision != "auto":
         return cfg.precision
-    gpus = requested_gpus(cfg.gpu)
-    return "fp16" if gpus or (not spec.single_process and torch.cuda.is_available()) else "fp32"
+    return "fp16" if requested_gpus(cfg.gpu) else "fp32"
 
 
 def _decide_to_run(cfg, spec, paths, identity, fingerprints):
