@@ -66,9 +66,10 @@ def launch(worker, cfg):
     results = mp.get_context("spawn").Manager().dict()
     try:
         mp.spawn(_run_process, args=(worker, cfg, gpus, results), nprocs=world_size, join=True)
-    except mp.ProcessExitedException:
-        # A process exits on its own only through a user error, whose message it left here; any
-        # other death (killed, out of memory) is reported as torch's launcher reports it.
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        # A process that meets a user error leaves its message here before it exits; the others may
+        # fail after it (a collective's peer is gone) and be reported first. Any other failure (a bug,
+        # a process killed or out of memory) is reported as torch's launcher reports it.
         if "user_error" in results:
             raise UserError(results["user_error"]) from None
         raise
