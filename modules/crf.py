@@ -26,7 +26,7 @@ def crf_image(image):
     return np.ascontiguousarray(scaled.to(torch.uint8).permute(1, 2, 0).numpy()[:, :, ::-1])
 
 
-def _crf_inputs(image, log_probs):
+def crf_inputs(image, log_probs):
     """The torch half: the 8-bit BGR image and the class probabilities upsampled to its size."""
     bgr = crf_image(image)
     logits = F.interpolate(log_probs.detach().float().cpu()[None], size=bgr.shape[:2], mode="bilinear",
@@ -45,20 +45,21 @@ def _crf_inference(bgr, probs, max_iter):
     return np.array(crf.inference(max_iter), dtype=np.float32).reshape(classes, height, width)
 
 
-def _crf_inference_job(inputs, max_iter):
+def crf_inference_job(inputs, max_iter=10):
+    """CRF marginals [K,H,W] (numpy float32) of crf_inputs(image, log_probs): one job for a pool."""
     return _crf_inference(*inputs, max_iter)
 
 
 def dense_crf(image, log_probs, max_iter=10):
     """image [3,H,W] ImageNet-normalised, log_probs [K,h,w] -> CRF marginals [K,H,W] (float32, CPU)."""
-    return torch.from_numpy(_crf_inference(*_crf_inputs(image, log_probs), max_iter))
+    return torch.from_numpy(_crf_inference(*crf_inputs(image, log_probs), max_iter))
 
 
 def dense_crf_batch(images, log_probs, max_iter=10, pool=None):
     """[B,3,H,W], [B,K,h,w] -> [B,K,H,W] on the images' device; the CRF itself runs on CPU,
     across `pool` (a multiprocessing pool) when one is given."""
-    inputs = [_crf_inputs(image, lp) for image, lp in zip(images, log_probs, strict=True)]
-    job = partial(_crf_inference_job, max_iter=max_iter)
+    inputs = [crf_inputs(image, lp) for image, lp in zip(images, log_probs, strict=True)]
+    job = partial(crf_inference_job, max_iter=max_iter)
     outputs = pool.map(job, inputs) if pool is not None else [job(pair) for pair in inputs]
     return torch.from_numpy(np.stack(outputs)).to(images.device)
 

@@ -6,7 +6,10 @@
     fine_tune   fine_tune.py    the cluster probe (SPEC §5)
     test        evaluate.py     prediction, CRF, metrics (SPEC §6)
 
-Each module has `run(cfg)`; `engine(step)` imports only the one asked for, so `--help` stays fast.
+predict.py (a user's own images, not a pipeline step) has its engine in predict.py, and the models
+it segments with in predictors.py.
+
+Each step's module has `run(cfg)`; `engine(step)` imports only the one asked for, so `--help` stays fast.
 """
 import importlib
 

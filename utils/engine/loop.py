@@ -104,20 +104,13 @@ def _say(text):
 def run_step(cfg, spec):
     """Check inputs, decide, and run `spec`'s worker in every process; returns rank 0's result."""
     paths = artifact_paths(cfg)
-    if not Path(cfg.ckpt).is_file():
-        raise CheckpointError(f"backbone checkpoint {cfg.ckpt} does not exist: put the release file at "
-                              f"checkpoint/<arch>.pth (e.g. checkpoint/dino_vit_base_8.pth) or pass --ckpt")
+    require_backbone_file(cfg)
     processes = 1 if spec.single_process else process_count(cfg)
     recipe = None if spec.single_process else recipe_for(cfg, processes)
     fingerprints = FingerprintCache(paths.fingerprint_cache)
     for split in spec.data:
         check_layout(cfg.dataset, cfg.data_dir, split, curated_7=spec.curated_7 and split == "train")
-    upstream = {}
-    for name, wanted in spec.upstream(cfg, paths).items():
-        if not wanted.path.is_file():
-            raise StaleInputError(f"{wanted.path} does not exist: run {wanted.produced_by} first "
-                                  f"(or place the released CAUSE file there)")
-        upstream[name] = upstream_entry(wanted.path, wanted.produced_by, fingerprints)
+    upstream = upstream_inputs(cfg, spec, paths, fingerprints)
     warnings = check_complete(upstream, cfg.accept_partial)
     identity = {
         "settings": spec.settings(cfg, recipe, _resolved_precision(cfg)),
@@ -139,6 +132,24 @@ def run_step(cfg, spec):
     result = (launch_single if spec.single_process else launch)(worker, cfg)
     _keep(fingerprints)
     return result
+
+
+def require_backbone_file(cfg):
+    if not Path(cfg.ckpt).is_file():
+        raise CheckpointError(f"backbone checkpoint {cfg.ckpt} does not exist: put the release file at "
+                              f"checkpoint/<arch>.pth (e.g. checkpoint/dino_vit_base_8.pth) or pass --ckpt")
+
+
+def upstream_inputs(cfg, spec, paths, fingerprints):
+    """{name: upstream entry} of the earlier artifacts `spec` reads (utils/runtime/records.py); stops
+    at a missing one, naming the step that makes it (run_step, and predict.py for the test step's)."""
+    upstream = {}
+    for name, wanted in spec.upstream(cfg, paths).items():
+        if not wanted.path.is_file():
+            raise StaleInputError(f"{wanted.path} does not exist: run {wanted.produced_by} first "
+                                  f"(or place the released CAUSE file there)")
+        upstream[name] = upstream_entry(wanted.path, wanted.produced_by, fingerprints)
+    return upstream
 
 
 def _keep(fingerprints):

@@ -7,6 +7,7 @@ to every step that has an --epochs option, shared options (--dataset, --data_dir
 --precision, ...) to every step. An option no step knows, or a value a step refuses, stops the run
 before any step starts. The environment gives defaults: DATASET, HEAD, CKPT, DATA_DIR, GPU.
 Each step skips work whose output is up to date and resumes an interrupted one (README).
+The demo ends by segmenting a few of its images with predict.py, as a user would their own.
 """
 import os
 import shlex
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from errors import UserError
-from utils.runtime.config import HEADS, OPTIONS, option_names, parse_config
+from utils.runtime.config import HEADS, OPTIONS, PREDICT, option_names, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ("crop", "mediator", "front_door", "fine_tune", "test")
@@ -123,17 +124,24 @@ def main(argv=None):
         print("No data directory configured (--data_dir, DATA_DIR, or ./data): running the demo.")
         print("It checks the pipeline on synthetic data; see README.md for a real run.")
         demo = True
+    commands = []
     if demo:
-        from utils.tools.demo import prepare
+        from utils.engine.predict import parse_options
+        from utils.tools.demo import predict_arguments, prepare
         data_dir, ckpt, options = prepare(ROOT / "demo")
         defaults = [*options, f"--data_dir={data_dir}", f"--ckpt={ckpt}", "--dataset=cocostuff27"]
-    routed = route(defaults + rest, PIPELINE)
+        # predict.py takes the options it shares with the steps as the steps do (the model's sizes).
+        routed = route(defaults + rest, (*PIPELINE, PREDICT))
+        predict_argv = routed[PREDICT] + predict_arguments(ROOT / "demo", head)
+        parse_options(predict_argv)
+        commands.append(["predict.py", *predict_argv])
+    else:
+        routed = route(defaults + rest, PIPELINE)
     for step in PIPELINE:  # every step's options are checked before the first one starts
         parse_config(step, head if step in HEAD_STEPS else None, routed[step])
-    for step in PIPELINE:
-        command = [sys.executable, SCRIPTS[step].format(head=head), *routed[step]]
-        print("+ " + shlex.join(command[1:]), flush=True)
-        done = subprocess.run(command, cwd=ROOT)
+    for command in [[SCRIPTS[step].format(head=head), *routed[step]] for step in PIPELINE] + commands:
+        print("+ " + shlex.join(command), flush=True)
+        done = subprocess.run([sys.executable, *command], cwd=ROOT)
         if done.returncode:
             return done.returncode
     return 0
