@@ -24,6 +24,7 @@ from loader.transforms import ResizePair, normalise
 
 SPLITS = ("train", "val")
 LABEL_MAPS = Path(__file__).with_name("label_maps.json")
+CLASS_NAMES = Path(__file__).with_name("class_names.json")
 
 
 class DataError(UserError):
@@ -280,6 +281,31 @@ def split_files(name, data_dir, split, cropped=True, curated_7=False):
 @lru_cache(maxsize=None)
 def _label_maps():
     return json.loads(LABEL_MAPS.read_text())
+
+
+@lru_cache(maxsize=None)
+def _class_name_table():
+    return json.loads(CLASS_NAMES.read_text())
+
+
+def class_names(name):
+    """The name of each class of data set `name`, by class id (class_names.json says where each list
+    comes from). coco81 and coco171 name their classes through their label maps: a class holding one
+    COCO-Stuff fine id takes its name; coco81's class 0, which holds every stuff id, is "stuff"."""
+    info = dataset_info(name)
+    table = _class_name_table()
+    if name in table:
+        return list(table[name])
+    members = {}
+    for fine, cls in _label_maps()[_LABEL_MAP_KEYS[name]].items():
+        if cls >= 0:
+            members.setdefault(cls, []).append(int(fine))
+    fine_names = table["cocostuff_fine"]
+    names = []
+    for cls in range(info.n_classes):
+        ids = members[cls]
+        names.append(fine_names[ids[0]] if len(ids) == 1 else "stuff")
+    return names
 
 
 def source_lut(info):

@@ -4,7 +4,8 @@
 ordered list of `InputImage`s, each with a unique output name. `read_image` decodes one file
 into an 8-bit RGB PIL image as a viewer would show it; `check_processable` refuses sizes that
 cannot be segmented meaningfully. Both raise a `RejectedImage` naming the file and the reason,
-so a caller can report the image and go on with the others.
+so a caller can report the image and go on with the others; a missing input or a bad list is a
+user error (errors.UserError) that stops the run before any image is read.
 """
 import math
 import os
@@ -13,6 +14,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 LIST_EXTENSION = ".txt"
@@ -23,12 +26,12 @@ MAX_ASPECT = 64
 _WHITE = (255, 255, 255)
 
 
-class MissingInput(FileNotFoundError):
-    """A path given on the command line, or in a list file, does not exist."""
+class MissingInput(UserError):
+    """A path given on the command line, or in a list file, does not exist: the run stops."""
 
 
-class InputListError(ValueError):
-    """A `.txt` list of inputs cannot be used as one."""
+class InputListError(UserError):
+    """A `.txt` list of inputs cannot be used as one: the run stops."""
 
 
 class RejectedImage(ValueError):
@@ -54,7 +57,7 @@ class InputImage:
     name: str  # unique output name: a relative POSIX path without extension, e.g. "street/0001"
 
 
-def list_inputs(arguments):
+def list_inputs(arguments, skip_folder=None):
     """The images that command-line `arguments` name, in the order given, each with a unique name.
 
     An argument is
@@ -66,15 +69,18 @@ def list_inputs(arguments):
       folder; blank lines and lines starting with "#" are skipped. Lists do not nest.
     Names that repeat (the same stem in two places, x.jpg next to x.png) get "_2", "_3", ... in
     input order, so outputs never overwrite each other. An empty result is the caller's to report.
+    Folder walks do not enter `skip_folder` (the outputs' folder, which may lie inside an input
+    folder: a rerun must not take the last run's outputs for inputs).
     """
+    skip = None if skip_folder is None else Path(skip_folder).resolve()
     candidates = []
     for argument in arguments:
         path = Path(argument)
         _require_exists(path, "given on the command line")
         if path.is_file() and path.suffix.lower() == LIST_EXTENSION:
-            candidates.extend(_listed(path))
+            candidates.extend(_listed(path, skip))
         else:
-            candidates.extend(_expanded(path))
+            candidates.extend(_expanded(path, skip))
     return _with_unique_names(candidates)
 
 
@@ -83,13 +89,14 @@ def _require_exists(path, where):
         raise MissingInput(f"input {path} does not exist ({where})")
 
 
-def _expanded(path):
-    """(source, candidate name) pairs of one image file or one folder."""
+def _expanded(path, skip=None):
+    """(source, candidate name) pairs of one image file or one folder (not entering `skip`)."""
     if not path.is_dir():
         return [(path, path.stem)]
     found = []
     for folder, subfolders, files in os.walk(path):
-        subfolders[:] = [sub for sub in subfolders if not sub.startswith(".")]  # pruned: not walked
+        subfolders[:] = [sub for sub in subfolders  # pruned: not walked
+                         if not sub.startswith(".") and Path(folder, sub).resolve() != skip]
         for file in files:
             if not file.startswith(".") and Path(file).suffix.lower() in IMAGE_EXTENSIONS:
                 relative = PurePosixPath(Path(folder, file).relative_to(path))
@@ -97,7 +104,7 @@ def _expanded(path):
     return [(source, name) for _, source, name in sorted(found)]
 
 
-def _listed(list_file):
+def _listed(list_file, skip=None):
     try:
         lines = list_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's byte-order mark
     except UnicodeDecodeError as err:
@@ -111,7 +118,7 @@ def _listed(list_file):
         _require_exists(path, f"listed in {list_file}, line {number}")
         if path.is_file() and path.suffix.lower() == LIST_EXTENSION:
             raise InputListError(f"{list_file}, line {number}: {line} is another list; lists do not nest")
-        entries.extend(_expanded(path))
+        entries.extend(_expanded(path, skip))
     return entries
 
 

@@ -12,8 +12,12 @@ class ConceptBank:
     not stored, which keeps `update` free of data-dependent shapes.
     """
 
-    def __init__(self, num_prototypes, dim, capacity=100, device=None, dtype=torch.float32):
+    def __init__(self, num_prototypes, dim, capacity=100, device=None, dtype=torch.float32, compact=False):
         self.num_prototypes = num_prototypes
+        # compact: candidates() hands out only the stored rows. That takes a host sync per step, so
+        # fixed shapes are the GPU's choice; on a CPU a sync costs nothing and a bank far from full
+        # (2048 × 100 slots) would otherwise cost the contrastive loss most of its time.
+        self.compact = compact
         self.dim = dim
         self.capacity = capacity
         self._storage = torch.zeros(num_prototypes * capacity + 1, dim, device=device, dtype=dtype)
@@ -63,10 +67,15 @@ class ConceptBank:
         self.count = (self.count + taken).clamp_max(self.capacity)
 
     def candidates(self):
-        """The whole buffer with fixed shapes: (prototype [K·cap] int64, values [K·cap, dim], valid [K·cap])."""
+        """(prototype [n] int64, values [n, dim], valid [n]): the whole buffer, n = K·capacity, with fixed
+        shapes; or, compact, only the stored rows (all valid)."""
         # Integer division rather than repeat_interleave, which syncs to size its output.
         prototype = torch.arange(self.num_prototypes * self.capacity, device=self.count.device) // self.capacity
-        return prototype, self._storage[:-1], self.valid().reshape(-1)
+        valid = self.valid().reshape(-1)
+        if not self.compact:
+            return prototype, self._storage[:-1], valid
+        stored = valid.nonzero().squeeze(1)
+        return prototype[stored], self._storage[stored], valid[stored]
 
     @classmethod
     def from_entries(cls, entries, num_prototypes, capacity=100, dim=None):

@@ -34,7 +34,7 @@ def crf_inputs(image, log_probs):
     return bgr, F.softmax(logits, dim=0).numpy()
 
 
-def crf_inference(bgr, probs, max_iter):
+def _crf_inference(bgr, probs, max_iter):
     """The numpy/pydensecrf half, free of torch so that forked pool workers cannot hang on
     the OpenMP thread pool a parent's torch ops leave behind."""
     classes, height, width = probs.shape
@@ -45,20 +45,21 @@ def crf_inference(bgr, probs, max_iter):
     return np.array(crf.inference(max_iter), dtype=np.float32).reshape(classes, height, width)
 
 
-def _crf_inference_job(inputs, max_iter):
-    return crf_inference(*inputs, max_iter)
+def crf_inference_job(inputs, max_iter=10):
+    """CRF marginals [K,H,W] (numpy float32) of crf_inputs(image, log_probs): one job for a pool."""
+    return _crf_inference(*inputs, max_iter)
 
 
 def dense_crf(image, log_probs, max_iter=10):
     """image [3,H,W] ImageNet-normalised, log_probs [K,h,w] -> CRF marginals [K,H,W] (float32, CPU)."""
-    return torch.from_numpy(crf_inference(*crf_inputs(image, log_probs), max_iter))
+    return torch.from_numpy(_crf_inference(*crf_inputs(image, log_probs), max_iter))
 
 
 def dense_crf_batch(images, log_probs, max_iter=10, pool=None):
     """[B,3,H,W], [B,K,h,w] -> [B,K,H,W] on the images' device; the CRF itself runs on CPU,
     across `pool` (a multiprocessing pool) when one is given."""
     inputs = [crf_inputs(image, lp) for image, lp in zip(images, log_probs, strict=True)]
-    job = partial(_crf_inference_job, max_iter=max_iter)
+    job = partial(crf_inference_job, max_iter=max_iter)
     outputs = pool.map(job, inputs) if pool is not None else [job(pair) for pair in inputs]
     return torch.from_numpy(np.stack(outputs)).to(images.device)
 

@@ -41,7 +41,7 @@ def grid_order(random, num_tokens, window=4):
     return random.integers(window * window, (grid_cells(num_tokens, window),)).reshape(-1)
 
 
-def grid_sample_tokens(x, order=None, window=4, generator=None):
+def grid_sample_tokens(x, order=None, window=4):
     """Keep one token per window×window cell of the square token grid (SPEC §3).
 
     `order` holds, per (image, cell) in image-major and cell row-major order, the
@@ -60,7 +60,7 @@ def grid_sample_tokens(x, order=None, window=4, generator=None):
     cells_per_side = side // window
     cells = cells_per_side * cells_per_side
     if order is None:
-        order = torch.randint(window * window, (b * cells,), generator=generator, device=x.device)
+        order = torch.randint(window * window, (b * cells,), device=x.device)
     offset = order.to(x.device).reshape(b, cells)
     # Top-left token of every cell, then the offset inside the cell, as flat row-major indices.
     cell = torch.arange(cells, device=x.device)

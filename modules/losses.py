@@ -77,10 +77,10 @@ def _nce_rows(anchor, candidate, pos, neg, temp, valid=None):
     return rows, n_pos
 
 
-def _image_terms(rows, n_pos, batch):
+def _image_terms(rows, n_pos, batch, tokens):
     """Each image's mean over the positive pairs of its anchors -> ([B] terms, [B] has-positives)."""
-    total = rows.view(batch, -1).sum(1)
-    count = n_pos.view(batch, -1).sum(1)
+    total = rows.view(batch, tokens).sum(1)
+    count = n_pos.view(batch, tokens).sum(1)
     return total / count.clamp_min(1), count > 0
 
 
@@ -102,8 +102,10 @@ def contrastive_terms(proj, index, candidates, candidate_index, codebook, bank=N
         prototypes = F.normalize(codebook.detach().float(), dim=-1)
         index = index.reshape(-1)
         candidate_index = candidate_index.reshape(-1)
-        anchor = F.normalize(proj.float().reshape(batch * tokens, -1), dim=-1)
-        teacher = F.normalize(candidates.detach().float().reshape(candidate_index.numel(), -1), dim=-1)
+        # Explicit sizes: a process's share of a short last batch can hold no image.
+        anchor = F.normalize(proj.float().reshape(batch * tokens, proj.shape[-1]), dim=-1)
+        teacher = F.normalize(candidates.detach().float().reshape(candidate_index.numel(), candidates.shape[-1]),
+                              dim=-1)
 
         # Cosine of each anchor's prototype to every prototype: the candidates' similarity
         # c is then a column gather of [b·P, K] masks instead of another matmul.
@@ -115,14 +117,15 @@ def contrastive_terms(proj, index, candidates, candidate_index, codebook, bank=N
         # An anchor is not its own positive (same image, same position).
         own = torch.arange(batch * tokens, device=pos.device)
         pos[own, own + anchor_offset * tokens] = False
-        terms, has_pos = _image_terms(*_nce_rows(anchor, teacher, pos, is_neg[:, candidate_index], temp), batch)
+        terms, has_pos = _image_terms(*_nce_rows(anchor, teacher, pos, is_neg[:, candidate_index], temp), batch,
+                                      tokens)
 
-        if bank is not None:
-            bank_index, bank_values, valid = bank.candidates()
+        bank_index, bank_values, valid = bank.candidates() if bank is not None else (None, (), None)
+        if len(bank_values):  # a compact bank hands out no rows while empty
             stored = F.normalize(bank_values.float(), dim=-1)
             pos = is_pos[:, bank_index] & valid
             neg = is_neg[:, bank_index] & valid
-            bank_terms, bank_has_pos = _image_terms(*_nce_rows(anchor, stored, pos, neg, temp, valid), batch)
+            bank_terms, bank_has_pos = _image_terms(*_nce_rows(anchor, stored, pos, neg, temp, valid), batch, tokens)
             terms = torch.cat([terms, bank_terms])
             has_pos = torch.cat([has_pos, bank_has_pos])
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.crf import crf_inference, dense_crf
+from modules.crf import crf_inference_job, dense_crf
 
 # Pixel value of "no mask" in pseudo masks and of "no label" in E-step targets. Pseudo masks are
 # cached as 8-bit PNGs, so mask ids must stay below it.
@@ -143,7 +143,7 @@ def pseudo_from_marginals(q):
 def pseudo_mask_job(crf_input):
     """The CRF half of one pseudo mask for a worker pool: modules.crf.crf_inputs(image, log_probs),
     computed by the caller, -> the pseudo mask (uint8 numpy [H, W]). numpy and pydensecrf only."""
-    return pseudo_from_marginals(crf_inference(*crf_input, CRF_ITERATIONS))
+    return pseudo_from_marginals(crf_inference_job(crf_input, CRF_ITERATIONS))
 
 
 def pseudo_mask_from_log_probs(image, log_probs):

@@ -40,7 +40,12 @@ def to_working_scale(image, short_side, patch):
     The test step resizes with nearest neighbour (SPEC §2), from val images about twice res; a
     user's photo may shrink ten times, where nearest sampling would alias fine texture.
     """
-    size = working_size(*image.shape[-2:], short_side, patch)
+    return resized(image, working_size(*image.shape[-2:], short_side, patch))
+
+
+def resized(image, size):
+    """Float [3, H, W] -> [3, *size]: bilinear, antialiased when shrinking (see to_working_scale);
+    the image itself, bit for bit, at its own size."""
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
@@ -105,6 +110,10 @@ def dense_feature_grid(image, feature_fn, res, patch, stride=None, batch=8, shor
         if features.dim() != 4 or features.shape[0] != len(chunk) or features.shape[-2:] != (grid, grid):
             raise ValueError(f"feature_fn gave {tuple(features.shape)} for {len(chunk)} windows; "
                              f"expected [{len(chunk)}, R, {grid}, {grid}] (the patch grid of {res}-pixel windows)")
+        if len(boxes) == 1:
+            # One window covers the image (the test step's geometry): its features as they are, as
+            # dividing the tent-weighted sum by the weight would round them.
+            return features[0].float()
         if total is None:  # R and the device are known once feature_fn has answered
             cells = (working.shape[-2] // patch, working.shape[-1] // patch)
             total = features.new_zeros((features.shape[1],) + cells, dtype=torch.float32)
@@ -134,8 +143,13 @@ def upsampled_bands(feature_grid, out_size, rows):
     `out_size`, `rows` output rows at a time, equal to F.interpolate's (align_corners=False).
 
     Lets a caller reduce features to labels band by band, holding R × rows × out_W values at once.
+    When one band covers every row, it is F.interpolate's own result, bit for bit (the bands agree
+    with it to float rounding only).
     """
     out_height, out_width = out_size
+    if rows >= out_height:
+        yield 0, F.interpolate(feature_grid[None], size=out_size, mode="bilinear", align_corners=False)[0]
+        return
     height = feature_grid.shape[-2]
     # Widths first, for all h grid rows (small: R × h × out_W); then rows, as F.interpolate maps
     # output row y to source row (y + 0.5) * h / out_H - 0.5, clamped at 0, between two grid rows.

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import load_golden
 
+from errors import UserError
 from models import ARCHS, FAMILIES, CheckpointError, build_backbone, convert_checkpoint, load_backbone, resolve_arch
 from models.stand_in import stand_in_image, stand_in_release
 from models.vit import resample_pos_embed
@@ -72,7 +73,7 @@ def test_positional_embedding_grids():
     assert resample_pos_embed(pos, (14, 14), 14, "dino") is pos  # the pretrain grid: stored embedding as is
     assert resample_pos_embed(pos, (2, 5), 14, "dino").shape == (1, 11, 192)
     assert torch.equal(resample_pos_embed(pos, (6, 6), 14, "msn")[:, 0], pos[:, 0])  # class token kept
-    with pytest.raises(ValueError, match="msn positional-embedding rule"):
+    with pytest.raises(UserError, match="msn positional-embedding rule"):
         resample_pos_embed(pos, (2, 5), 14, "msn")  # isotropic: the official rule has no answer
 
 
@@ -109,7 +110,7 @@ def test_other_family_layout_refused(tmp_path, small_release):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere/dino_vit_base_8\.pth.*checkpoint/<arch>\.pth"):
+    with pytest.raises(CheckpointError, match=r"nowhere/dino_vit_base_8\.pth.*checkpoint/<arch>\.pth"):
         load_backbone(tmp_path / "nowhere" / "dino_vit_base_8.pth")
 
 

@@ -153,3 +153,23 @@ def test_contrastive_leaves_out_terms_without_positives():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(loss, proj)
     assert torch.isfinite(grad).all()
+
+
+def test_a_compact_bank_gives_the_same_loss_as_the_fixed_shape_one():
+    gen = torch.Generator().manual_seed(5)
+    k, batch, tokens = 6, 2, 9
+    codebook = torch.randn(k, 8, generator=gen)
+    feat = torch.randn(batch, tokens, 8, generator=gen)
+    proj = torch.randn(batch, tokens, 12, generator=gen)
+    proj_ema = torch.randn(batch, tokens, 12, generator=gen)
+    banks = [ConceptBank(k, 12, capacity=4, compact=compact) for compact in (False, True)]
+    losses = [[contrastive_loss(feat, proj, proj_ema, codebook, bank) for bank in banks]]
+    for _ in range(3):
+        index, values = torch.randint(0, k, (10,), generator=gen), torch.randn(10, 12, generator=gen)
+        order = torch.randperm(10, generator=gen)
+        for bank in banks:
+            bank.update(index, values, order=order)
+        losses.append([contrastive_loss(feat, proj, proj_ema, codebook, bank) for bank in banks])
+    for fixed, compact in losses:
+        torch.testing.assert_close(compact, fixed, rtol=1e-6, atol=1e-7)
+    assert len(banks[1].candidates()[1]) == int(banks[1].count.sum()) < len(banks[0].candidates()[1])

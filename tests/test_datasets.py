@@ -12,7 +12,9 @@ from scipy.io import loadmat, savemat
 from torch.utils.data.distributed import DistributedSampler
 
 from errors import UserError
-from loader import DATASETS, DataError, DatasetLayoutError, build_dataset, build_source_dataset, check_layout
+from loader import (DATASETS, DataError, DatasetLayoutError, build_dataset, build_source_dataset, check_layout,
+                    class_names)
+from loader.datasets import _class_name_table, _label_maps, source_lut
 from loader.samplers import GlobalBatchSampler, evaluation_loader, share_of, training_loader
 from utils.engine.crop import write_cropped_dataset
 
@@ -346,3 +348,38 @@ def test_check_layout_accepts_good_data(data_dir):
     for name in DATASETS:
         for split in ("train", "val"):
             check_layout(name, data_dir, split)
+
+
+def test_every_data_set_names_each_of_its_classes_once():
+    for name, info in DATASETS.items():
+        names = class_names(name)
+        assert len(names) == info.n_classes and len(set(names)) == len(names), name
+        assert all(isinstance(n, str) and n for n in names), name
+
+
+# One COCO-Stuff fine class of each COCO-Stuff-27 class, and the supercategory it belongs to.
+COCO_SUPERCATEGORY = {
+    "tv": "electronic", "microwave": "appliance", "banana": "food", "chair": "furniture", "book": "indoor",
+    "bottle": "kitchen", "backpack": "accessory", "cat": "animal", "bench": "outdoor", "person": "person",
+    "kite": "sports", "car": "vehicle", "ceiling-tile": "ceiling", "floor-wood": "floor", "fruit": "food-stuff",
+    "cabinet": "furniture-stuff", "cardboard": "raw-material", "banner": "textile", "wall-brick": "wall",
+    "window-blind": "window", "bridge": "building", "dirt": "ground", "grass": "plant", "sky-other": "sky",
+    "rock": "solid", "cage": "structural", "sea": "water",
+}
+
+
+def test_class_names_follow_the_label_maps_evaluation_uses():
+    fine = _class_name_table()["cocostuff_fine"]
+    coarse = class_names("cocostuff27")
+    lut = source_lut(DATASETS["cocostuff27"])
+    assert {name: coarse[lut[fine.index(name)]] for name in COCO_SUPERCATEGORY} == COCO_SUPERCATEGORY
+    assert sorted(COCO_SUPERCATEGORY.values()) == sorted(coarse), "every class is checked"
+    for dataset in ("coco171", "coco81"):
+        names, lut = class_names(dataset), source_lut(DATASETS[dataset])
+        things = [i for i in range(182) if lut[i] > 0 or fine[i] == "person"]
+        assert all(names[lut[i]] == fine[i] for i in things), dataset
+    stuff = [int(k) for k, v in _label_maps()["coco81_fine_to_class"].items() if v == 0]
+    assert sorted(stuff) == list(range(91, 182)) and class_names("coco81")[0] == "stuff"
+    city = class_names("cityscapes")
+    lut = source_lut(DATASETS["cityscapes"])
+    assert (city[lut[7]], city[lut[26]], city[lut[33]]) == ("road", "car", "bicycle")  # Cityscapes labelIds

@@ -189,7 +189,7 @@ def test_a_bug_in_a_spawned_process_keeps_its_traceback(setup, one_and_two_proce
     injected.mkdir()
     (injected / "sitecustomize.py").write_text(
         "import utils.engine.front_door as front_door\n"
-        "def broken(self, tokens, labels, random):\n"
+        "def broken(self, *arguments):\n"
         "    raise ValueError('injected bug')\n"
         "front_door.FrontDoorTraining.losses = broken\n")
     done = run_script("front_door", "tr", args, env={"PYTHONPATH": f"{injected}{os.pathsep}{ROOT}"})

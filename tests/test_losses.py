@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 from conftest import load_golden
 
+from loader.samplers import BatchShare
 from modules.bank import ConceptBank
-from modules.grid import grid_sample_tokens, map_to_tokens, tokens_to_map
+from modules.grid import grid_order, grid_sample_tokens, map_to_tokens, tokens_to_map
 from modules.losses import contrastive_loss, modularity_loss
 from modules.quantize import cosine_similarity_to, quantize, quantize_index
+from modules.randomness import BatchRandom
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +93,14 @@ def loop_grid_sampling(x, order, window):
         for c in range(cells * cells)]) for i in range(b)])
 
 
+def batch_random(rows, seed=0):
+    return BatchRandom(seed, BatchShare(0, rows, rows), "cpu")
+
+
 def test_grid_sampling_reuses_positions_and_draws_uniformly():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 144, 3, generator=gen)
-    out, order = grid_sample_tokens(x, generator=gen)
+    out, order = grid_sample_tokens(x, grid_order(batch_random(4), 144))
     assert order.dtype == torch.int64 and order.shape == (4 * 9,)
     torch.testing.assert_close(out, loop_grid_sampling(x, order, 4), rtol=0, atol=0)
     # A second tensor sampled with the same order gives the same token positions.
@@ -103,7 +109,7 @@ def test_grid_sampling_reuses_positions_and_draws_uniformly():
     assert torch.equal(same, order)
     assert torch.equal(x.gather(1, picked.long().expand(-1, -1, 3)), out)
 
-    many = grid_sample_tokens(torch.zeros(64, 256, 1), generator=gen)[1]
+    many = grid_sample_tokens(torch.zeros(64, 256, 1), grid_order(batch_random(64), 256))[1]
     assert many.min() >= 0 and many.max() <= 15
     counts = torch.bincount(many, minlength=16)
     assert counts.numel() == 16 and counts.min() > many.numel() / 16 * 0.7
@@ -112,7 +118,7 @@ def test_grid_sampling_reuses_positions_and_draws_uniformly():
 def test_grid_sampling_other_windows_and_errors():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 36, 4, generator=gen)
-    out, order = grid_sample_tokens(x, window=2, generator=gen)
+    out, order = grid_sample_tokens(x, grid_order(batch_random(2), 36, window=2), window=2)
     assert out.shape == (2, 9, 4) and order.max() <= 3
     torch.testing.assert_close(out, loop_grid_sampling(x, order, 2), rtol=0, atol=0)
     with pytest.raises(ValueError, match="smaller than the window"):

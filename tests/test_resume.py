@@ -1,4 +1,6 @@
-"""Runs that survive: resume after a kill, truncated artifacts, bad input, non-finite loss, determinism."""
+"""Runs that survive: resume after a kill, resume with other settings, damaged artifacts, bad input,
+non-finite loss, determinism, mixed precision on CPU."""
+import json
 import shutil
 import socket
 
@@ -9,11 +11,11 @@ from datagen import write_cityscapes
 from PIL import Image
 from steps import make_tiny_setup, run_step, step_args
 
-import utils.front_door
-from loader import write_cropped_dataset
-from utils import front_door, mediator
-from utils.runtime.config import parse_config
-from utils.engine import ResumeState, artifact_paths
+import utils.engine.front_door
+from utils.engine.crop import write_cropped_dataset
+from utils.engine.loop import ResumeState
+
+HEAD_DIR = "CAUSE/cocostuff27/dino_vit_tiny_8/16"
 
 
 class Killed(BaseException):
@@ -26,7 +28,7 @@ def setup(tmp_path_factory):
 
 
 def segment_state(out):
-    return torch.load(out / "CAUSE/cocostuff27/dino_vit_tiny_8/16/segment_tr.pth", weights_only=True)
+    return torch.load(out / HEAD_DIR / "segment_tr.pth", weights_only=True)
 
 
 def train_front_door(setup, out, extra=()):
@@ -37,23 +39,32 @@ def train_front_door(setup, out, extra=()):
     return args
 
 
-def test_a_run_killed_after_its_first_epoch_resumes_to_the_uninterrupted_result(setup, tmp_path, monkeypatch):
-    train_front_door(setup, tmp_path / "whole")
-    whole = segment_state(tmp_path / "whole")
-
+def kill_after_first_epoch(monkeypatch, step="front_door", epoch_killed=0):
+    """Kill the step right after it saved the resume state of epoch `epoch_killed`, before that epoch's artifacts."""
     original_save = ResumeState.save
 
-    def save_then_die(self, epoch, **states):
-        original_save(self, epoch, **states)
-        if self.ctx.cfg.step == "front_door" and epoch == 0:
+    def save_then_die(self, epoch, training):
+        original_save(self, epoch, training)
+        if self.ctx.cfg.step == step and epoch == epoch_killed:
             raise Killed
 
     monkeypatch.setattr(ResumeState, "save", save_then_die)
+
+
+@pytest.mark.parametrize("epoch_killed", [0, 1])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(setup, tmp_path, monkeypatch, epoch_killed):
+    train_front_door(setup, tmp_path / "whole")
+    whole = segment_state(tmp_path / "whole")
+
+    kill_after_first_epoch(monkeypatch, epoch_killed=epoch_killed)
     with pytest.raises(Killed):
         train_front_door(setup, tmp_path / "killed")
     monkeypatch.undo()
-    resume_file = tmp_path / "killed/CAUSE/cocostuff27/dino_vit_tiny_8/16/resume/front_door_tr.pt"
-    assert resume_file.is_file()
+    resume_file = tmp_path / "killed" / HEAD_DIR / "resume/front_door_tr.pt"
+    assert resume_file.is_file() and resume_file.with_suffix(".bank0.pt").is_file()
+    if epoch_killed == 1:  # the first epoch's artifact is on disk, and its record says it is partial
+        record = json.loads((tmp_path / "killed" / HEAD_DIR / "segment_tr.json").read_text())
+        assert (record["complete"], record["epochs_done"]) == (False, 1)
 
     train_front_door(setup, tmp_path / "killed")
     resumed = segment_state(tmp_path / "killed")
@@ -63,46 +74,77 @@ def test_a_run_killed_after_its_first_epoch_resumes_to_the_uninterrupted_result(
         assert torch.equal(resumed[name], whole[name]), name
 
 
-def test_restart_ignores_the_resume_state(setup, tmp_path, monkeypatch):
-    original_save = ResumeState.save
+@pytest.mark.parametrize("changed,named", [
+    (("--lr", "2e-3"), "lr: 0.004 -> 0.008"),
+    (("--batch_size", "2"), "global_batch: 4 -> 2"),
+    (("--precision", "bf16"), "precision: fp32 -> bf16"),
+    (("--recipe", "scaled"), "recipe: paper -> scaled"),
+])
+def test_resuming_with_other_settings_is_refused_naming_them(setup, tmp_path, monkeypatch, capsys, changed, named):
+    kill_after_first_epoch(monkeypatch)
+    with pytest.raises(Killed):
+        train_front_door(setup, tmp_path)
+    monkeypatch.undo()
+    resume_file = tmp_path / HEAD_DIR / "resume/front_door_tr.pt"
+    before = resume_file.read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        train_front_door(setup, tmp_path, extra=changed)
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert named in message and "--restart" in message, message
+    assert resume_file.read_bytes() == before, "the unfinished run is kept for a resume with its settings"
 
-    def save_then_die(self, epoch, **states):
-        original_save(self, epoch, **states)
-        if self.ctx.cfg.step == "front_door":
-            raise Killed
 
-    monkeypatch.setattr(ResumeState, "save", save_then_die)
+def test_the_paper_recipe_resumes_on_another_process_count(setup, tmp_path, monkeypatch):
+    """Documented: the paper recipe trains the same on any process count, so a run may continue on another."""
+    kill_after_first_epoch(monkeypatch)
+    with pytest.raises(Killed):
+        train_front_door(setup, tmp_path)
+    monkeypatch.undo()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    train_front_door(setup, tmp_path, extra=("--nproc", "2", "--port", str(port)))
+    record = json.loads((tmp_path / HEAD_DIR / "segment_tr.json").read_text())
+    assert record["complete"] and record["recipe"]["processes"] == 2
+
+
+def test_restart_starts_the_step_over(setup, tmp_path, monkeypatch):
+    kill_after_first_epoch(monkeypatch)
     with pytest.raises(Killed):
         train_front_door(setup, tmp_path)
     monkeypatch.undo()
 
-    def no_resuming(self, state):
+    def no_resuming(self, training):
         raise AssertionError("--restart must not resume")
 
-    monkeypatch.setattr(ResumeState, "restore_rng", no_resuming)
-    train_front_door(setup, tmp_path, extra=("--restart",))
+    monkeypatch.setattr(ResumeState, "load", no_resuming)
+    data_dir, ckpt = setup
+    with pytest.raises(AssertionError, match="must not resume"):
+        run_step("front_door", "tr", step_args(data_dir, ckpt, tmp_path, extra=("--epochs", "2")))
+    monkeypatch.undo()
+    original_load = ResumeState.load
+
+    def fresh(self, training):
+        assert not self.path.exists(), "--restart discards the saved state before training"
+        original_load(self, training)
+
+    monkeypatch.setattr(ResumeState, "load", fresh)
+    run_step("front_door", "tr", step_args(data_dir, ckpt, tmp_path, extra=("--epochs", "2", "--restart")))
     assert not list(tmp_path.rglob("resume/*.pt"))
 
 
-def test_truncated_artifacts_are_not_taken_as_finished(setup, tmp_path):
+def test_damaged_artifacts_are_made_again(setup, tmp_path, capsys):
     data_dir, ckpt = setup
     args = step_args(data_dir, ckpt, tmp_path, extra=("--epochs", "1"))
     run_step("mediator", None, args)
-    cfg = parse_config("mediator", None, args)
-    paths = artifact_paths(cfg)
-    assert mediator.is_complete(cfg, paths)
-    good = paths.modular.read_bytes()
-    paths.modular.write_bytes(good[: len(good) // 2])
-    assert not mediator.is_complete(cfg, paths)
+    modular = tmp_path / "CAUSE/cocostuff27/modularity/dino_vit_tiny_8/16/modular.npy"
+    good = modular.read_bytes()
+    modular.write_bytes(good[: len(good) // 2])
+    capsys.readouterr()
     run_step("mediator", None, args)
-    assert paths.modular.read_bytes() != good[: len(good) // 2]
-    assert np.load(paths.modular).shape == (16, 192)
-
-    front_cfg = parse_config("front_door", "tr", args)
-    front_paths = artifact_paths(front_cfg)
-    front_paths.segment.parent.mkdir(parents=True, exist_ok=True)
-    front_paths.segment.write_bytes(b"PK\x03\x04 truncated")
-    assert not front_door.is_complete(front_cfg, front_paths)
+    assert "is not what its run wrote" in capsys.readouterr().out
+    assert modular.read_bytes() == good, "remade, and the same as before (seeded)"
 
 
 def _busy_port():
@@ -114,8 +156,9 @@ def _busy_port():
 
 @pytest.mark.parametrize("case", ["no_data_dir", "empty_data_dir", "missing_list", "absent_images", "unknown_arch",
                                   "missing_checkpoint", "missing_mediator", "absent_gpus", "busy_port",
-                                  "missing_crops", "corrupt_image", "label_out_of_range",
-                                  "unknown_dataset"])
+                                  "missing_crops", "corrupt_image", "label_out_of_range", "unknown_dataset",
+                                  "zero_processes", "zero_epochs", "zero_steps", "batch_not_divisible",
+                                  "resolution_not_a_patch_multiple"])
 def test_bad_input_stops_before_any_work_with_a_clear_message(setup, tmp_path, capsys, case):
     data_dir, ckpt = setup
     step, head, expected = "mediator", None, None
@@ -154,8 +197,14 @@ def test_bad_input_stops_before_any_work_with_a_clear_message(setup, tmp_path, c
             victim.write_bytes(victim.read_bytes()[:200])
             expected = f"cannot read image file {victim}"
     extra = ["--dataset", "cityscapes"] if case == "label_out_of_range" else []
-    if case == "unknown_dataset":
-        extra, expected = ["--dataset", "cocostuff28"], "invalid choice: 'cocostuff28'"
+    refusals = {"zero_processes": (["--nproc", "0"], "--nproc must be at least 1"),
+                "zero_epochs": (["--epochs", "0"], "--epochs must be at least 1"),
+                "zero_steps": (["--max_steps", "0"], "--max_steps must be at least 1"),
+                "batch_not_divisible": (["--nproc", "3"], "3 processes cannot share it equally"),
+                "resolution_not_a_patch_multiple": (["--train_resolution", "60"], "not a multiple of"),
+                "unknown_dataset": (["--dataset", "cocostuff28"], "invalid choice: 'cocostuff28'")}
+    if case in refusals:
+        extra, expected = refusals[case]
     elif case == "unknown_arch":
         ckpt, expected = tmp_path / "my_backbone.pth", "--arch"
     elif case == "missing_checkpoint":
@@ -168,12 +217,20 @@ def test_bad_input_stops_before_any_work_with_a_clear_message(setup, tmp_path, c
         held = _busy_port()
         extra, expected = ["--nproc", "2", "--port", str(held.getsockname()[1])], "already in use"
     out = tmp_path / "out"
+    if case in ("corrupt_image", "label_out_of_range"):  # the val files are decoded once the inputs are found
+        dataset = "cityscapes" if case == "label_out_of_range" else "cocostuff27"
+        released = out / f"CAUSE/{dataset}/modularity/dino_vit_tiny_8/16/modular.npy"
+        released.parent.mkdir(parents=True)
+        np.save(released, np.zeros((16, 192), np.float32))
+    before = sorted(out.rglob("*"))
     with pytest.raises(SystemExit) as stopped:
         run_step(step, head, step_args(data_dir, ckpt, out, extra=extra))
     assert stopped.value.code == 2
     message = capsys.readouterr().err
     assert expected in message, message
-    assert not out.exists() or not any(p.is_file() for p in out.rglob("*")), "nothing may be written"
+    assert len([line for line in message.splitlines() if line.startswith("error")]) <= 1
+    assert "Traceback" not in message
+    assert sorted(out.rglob("*")) == before, "nothing may be written"
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(setup, tmp_path, monkeypatch, capsys):
@@ -181,21 +238,21 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(setup, tm
     args = step_args(data_dir, ckpt, tmp_path, extra=("--epochs", "2"))
     run_step("mediator", None, args)
     calls = []
-    real_loss = utils.front_door.contrastive_loss
+    real_terms = utils.engine.front_door.contrastive_terms
 
     def diverging(*a, **k):
         calls.append(1)
-        loss = real_loss(*a, **k)
-        return loss * float("nan") if len(calls) > 5 else loss  # 5 batches = the first epoch
+        total, count = real_terms(*a, **k)
+        return (total * float("nan") if len(calls) > 2 else total), count  # 2 batches = the first epoch
 
-    monkeypatch.setattr(utils.front_door, "contrastive_loss", diverging)
+    monkeypatch.setattr(utils.engine.front_door, "contrastive_terms", diverging)
     with pytest.raises(SystemExit):
         run_step("front_door", "tr", args)
     message = capsys.readouterr().err
     assert "loss is nan at epoch 2, batch 0" in message, message
     after_first_epoch = segment_state(tmp_path)
     assert all(torch.isfinite(v).all() for v in after_first_epoch.values())
-    assert (tmp_path / "CAUSE/cocostuff27/dino_vit_tiny_8/16/resume/front_door_tr.pt").is_file()
+    assert (tmp_path / HEAD_DIR / "resume/front_door_tr.pt").is_file()
 
 
 def test_seeded_cpu_runs_are_identical(setup, tmp_path):
@@ -205,3 +262,19 @@ def test_seeded_cpu_runs_are_identical(setup, tmp_path):
     assert np.array_equal(*modular)
     first, second = segment_state(tmp_path / "a"), segment_state(tmp_path / "b")
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_every_step_runs_under_mixed_precision_on_cpu(setup, tmp_path, precision, capsys):
+    """The autocast and loss-scaling paths a GPU runs, executed on the CPU (CPU autocast, the same GradScaler)."""
+    data_dir, ckpt = setup
+    args = step_args(data_dir, ckpt, tmp_path, extra=("--precision", precision))
+    for step, head in (("mediator", None), ("front_door", "tr"), ("fine_tune", "tr"), ("test", "tr")):
+        run_step(step, head, args)
+    for artifact in ("segment_tr.pth", "cluster_tr.pth"):
+        state = torch.load(tmp_path / HEAD_DIR / artifact, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state.values()), artifact
+    record = json.loads((tmp_path / HEAD_DIR / "segment_tr.json").read_text())
+    assert record["precision"] == precision
+    metrics = json.loads((tmp_path / "results/cocostuff27/TR/dino_vit_tiny_8/16/metrics.json").read_text())
+    assert metrics["identity"]["settings"]["precision"] == precision and 0 <= metrics["crf"]["mIoU"] <= 100

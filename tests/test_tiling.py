@@ -154,3 +154,14 @@ def test_sizes_off_the_patch_grid_are_refused():
         dense_feature_grid(torch.rand(3, 32, 48), _patch_features(8), res=32, patch=8, stride=12)
     with pytest.raises(ValueError, match="short_side 36 is not a multiple"):
         dense_feature_grid(torch.rand(3, 32, 48), _patch_features(8), res=32, patch=8, short_side=36)
+
+
+def test_the_test_steps_geometry_gives_its_features_and_upsampling_bit_for_bit():
+    """An image of one window at its own size: its features unblended, one band equal to F.interpolate."""
+    image = torch.rand(3, 32, 32)
+    feature_fn = _patch_features(patch=8)
+    assert torch.equal(to_working_scale(image, 32, patch=8), image)
+    assert torch.equal(dense_feature_grid(image, feature_fn, res=32, patch=8), feature_fn(image[None])[0])
+    grid = torch.randn(6, 4, 4)
+    [(top, band)] = upsampled_bands(grid, (32, 32), rows=32)
+    assert top == 0 and torch.equal(band, F.interpolate(grid[None], size=(32, 32), mode="bilinear")[0])

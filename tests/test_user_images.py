@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from errors import UserError
 from loader.user_images import (
     InputListError, MissingInput, UnprocessableImage, UnreadableImage, check_processable, list_inputs, read_image,
 )
@@ -196,6 +197,7 @@ def test_list_file_on_the_command_line(photos, tmp_path):
 
 
 def test_missing_inputs_are_named(tmp_path):
+    assert issubclass(MissingInput, UserError) and issubclass(InputListError, UserError), "they stop the run"
     with pytest.raises(MissingInput, match="nowhere.jpg does not exist"):
         list_inputs([tmp_path / "nowhere.jpg"])
     listing = tmp_path / "inputs.txt"
@@ -210,3 +212,14 @@ def test_lists_do_not_nest(tmp_path):
     outer.write_text("inner.txt\n")
     with pytest.raises(InputListError, match="outer.txt, line 1: inner.txt is another list"):
         list_inputs([outer])
+
+
+def test_the_output_folder_inside_an_input_folder_is_not_walked(tmp_path):
+    for name in ("a.png", "out/ids/a.png", "sub/b.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text(".\n")
+    for arguments in ([tmp_path], [listing]):
+        assert [image.name for image in list_inputs(arguments, skip_folder=tmp_path / "out")] == ["a", "sub/b"]
+    assert [image.name for image in list_inputs([tmp_path])] == ["a", "out/ids/a", "sub/b"]

@@ -8,7 +8,10 @@
     primaps     primaps.py      PriMaPs-EM's prototypes (PRIMAPS.md §1-§2; pseudo masks: primaps_masks.py)
     test_primaps  evaluate_primaps.py  PriMaPs-EM's evaluation (PRIMAPS.md §3)
 
-Each module has `run(cfg)`; `engine(step)` imports only the one asked for, so `--help` stays fast.
+predict.py (a user's own images, not a pipeline step) has its engine in predict.py, and the models
+it segments with in predictors.py.
+
+Each step's module has `run(cfg)`; `engine(step)` imports only the one asked for, so `--help` stays fast.
 """
 import importlib
 

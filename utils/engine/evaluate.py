@@ -96,7 +96,7 @@ def score(ctx, pool, loader, predict, variants, pictures_dir, desc):
 def result_record(ctx):
     """What a metrics.json says of how it was made: it is its own record."""
     return {"complete": True, "identity": ctx.identity, "upstream": ctx.upstream, "accepted_partial": ctx.warnings,
-            "version": project_version(), "written": now()}
+            "version": project_version(), "written": now(), "run_id": ctx.run_id}
 
 
 @torch.no_grad()
@@ -158,7 +158,6 @@ def _settings(cfg, recipe, precision):
 
 
 SPEC = StepSpec(
-    name="test",
     outputs=lambda paths: [paths.metrics],
     upstream=lambda cfg, paths: {
         "modular": Upstream(paths.modular, "train_mediator.py"),

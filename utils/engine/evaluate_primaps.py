@@ -113,7 +113,6 @@ def _upstream(cfg, paths):
 
 
 SPEC = StepSpec(
-    name="test_primaps",
     outputs=lambda paths: [paths.primaps_metrics],
     upstream=_upstream,
     data=("val",),

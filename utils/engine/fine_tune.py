@@ -138,7 +138,6 @@ def train(ctx):
 
 
 SPEC = StepSpec(
-    name="fine_tune",
     outputs=lambda paths: [paths.cluster, paths.fine_tuned_segment],
     upstream=lambda cfg, paths: {"modular": Upstream(paths.modular, "train_mediator.py"),
                                  "segment": Upstream(paths.segment, f"train_front_door_{cfg.head}.py")},

@@ -132,7 +132,7 @@ def train(ctx):
     info = ctx.dataset_info
     optimizer = torch.optim.Adam(segment.student_parameters(), lr=ctx.recipe.lr, weight_decay=info.weight_decay)
     precision = Precision(cfg.precision, ctx.device)
-    bank = ConceptBank(cfg.num_codebook, cfg.projection_dim, device=ctx.device)
+    bank = ConceptBank(cfg.num_codebook, cfg.projection_dim, device=ctx.device, compact=ctx.device.type == "cpu")
     validation = validation_loader(ctx, cfg.test_resolution)
     training = FrontDoorTraining(
         backbone, segment, codebook, bank, optimizer, info.front_door_clip[cfg.head], precision,
@@ -148,7 +148,6 @@ def train(ctx):
 
 
 SPEC = StepSpec(
-    name="front_door",
     outputs=lambda paths: [paths.segment],
     upstream=lambda cfg, paths: {"modular": Upstream(paths.modular, "train_mediator.py")},
     data=("train", "val"),

@@ -10,6 +10,7 @@ artifacts and their records) is written once, here.
 import json
 import math
 import sys
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,6 @@ class StepSpec:
     worker: the work of one process; single_process: runs in one process whatever --gpu says;
     on_skip: prints the result of an up-to-date step.
     """
-    name: str
     outputs: Callable
     upstream: Callable
     data: tuple
@@ -74,6 +74,7 @@ class StepContext:
     identity: dict
     upstream: dict
     warnings: list = field(default_factory=list)
+    run_id: str = ""  # names this run in its records: a later step's inputs change when an earlier step reruns
     samples_per_epoch: int | None = None  # set by fit: what the records say of the recipe
     steps_per_epoch: int | None = None
 
@@ -102,33 +103,22 @@ def _say(text):
 def run_step(cfg, spec):
     """Check inputs, decide, and run `spec`'s worker in every process; returns rank 0's result."""
     paths = artifact_paths(cfg)
-    if not Path(cfg.ckpt).is_file():
-        raise CheckpointError(f"backbone checkpoint {cfg.ckpt} does not exist: put the release file at "
-                              f"checkpoint/<arch>.pth (e.g. checkpoint/dino_vit_base_8.pth) or pass --ckpt")
+    require_backbone_file(cfg)
     processes = 1 if spec.single_process else process_count(cfg)
     recipe = None if spec.single_process else recipe_for(cfg, processes)
     fingerprints = FingerprintCache(paths.fingerprint_cache)
     for split in spec.data:
         check_layout(cfg.dataset, cfg.data_dir, split, curated_7=spec.curated_7 and split == "train")
-    upstream = {}
-    for name, wanted in spec.upstream(cfg, paths).items():
-        if not wanted.path.is_file():
-            raise StaleInputError(f"{wanted.path} does not exist: run {wanted.produced_by} first "
-                                  f"(or place the released CAUSE file there)")
-        upstream[name] = upstream_entry(wanted.path, wanted.produced_by, fingerprints)
+    upstream = upstream_inputs(cfg, spec, paths, fingerprints)
     warnings = check_complete(upstream, cfg.accept_partial)
     identity = {
-        "settings": spec.settings(cfg, recipe, _resolved_precision(cfg, spec)),
+        "settings": spec.settings(cfg, recipe, _resolved_precision(cfg)),
         "backbone": {"arch": cfg.arch, "fingerprint": fingerprints.file(cfg.ckpt)},
-        "data": {split: fingerprints.file_list(split_files(cfg.dataset, cfg.data_dir, split,
-                                                           curated_7=spec.curated_7 and split == "train")[0],
-                                               cfg.data_dir)
-                 for split in spec.data},
+        "data": {split: fingerprints.file_list(_data_files(cfg, spec, split), cfg.data_dir) for split in spec.data},
         "upstream": {name: identity_of(entry) for name, entry in upstream.items()},
     }
-    if torchrun_rank() == 0:
-        fingerprints.save()
-    if not _decide_to_run(cfg, spec, paths, identity):
+    if not _decide_to_run(cfg, spec, paths, identity, fingerprints):
+        _keep(fingerprints)
         return spec.on_skip(cfg, paths) if spec.on_skip else None
     if "val" in spec.data:
         # Every val file is decoded before the run starts (the train crops are this project's own
@@ -137,18 +127,50 @@ def run_step(cfg, spec):
     if recipe is not None:
         _say(f"[{_label(cfg)}] {recipe.describe()}; precision {identity['settings']['precision']}, "
              f"seed {cfg.seed}, {cfg.epochs} epoch(s)")
-    worker = _StepWorker(spec.worker, paths, recipe, identity, upstream, warnings)
-    return (launch_single if spec.single_process else launch)(worker, cfg)
+    worker = _StepWorker(spec.worker, paths, recipe, identity, upstream, warnings, uuid.uuid4().hex)
+    result = (launch_single if spec.single_process else launch)(worker, cfg)
+    _keep(fingerprints)
+    return result
 
 
-def _resolved_precision(cfg, spec):
+def require_backbone_file(cfg):
+    if not Path(cfg.ckpt).is_file():
+        raise CheckpointError(f"backbone checkpoint {cfg.ckpt} does not exist: put the release file at "
+                              f"checkpoint/<arch>.pth (e.g. checkpoint/dino_vit_base_8.pth) or pass --ckpt")
+
+
+def upstream_inputs(cfg, spec, paths, fingerprints):
+    """{name: upstream entry} of the earlier artifacts `spec` reads (utils/runtime/records.py); stops
+    at a missing one, naming the step that makes it (run_step, and predict.py for the test step's)."""
+    upstream = {}
+    for name, wanted in spec.upstream(cfg, paths).items():
+        if not wanted.path.is_file():
+            raise StaleInputError(f"{wanted.path} does not exist: run {wanted.produced_by} first "
+                                  f"(or place the released CAUSE file there)")
+        upstream[name] = upstream_entry(wanted.path, wanted.produced_by, fingerprints)
+    return upstream
+
+
+def _keep(fingerprints):
+    """Save the hashes taken, once the step has done its work: a run refused at its start writes nothing."""
+    if torchrun_rank() == 0:
+        fingerprints.save()
+
+
+def _data_files(cfg, spec, split):
+    """The image and label files a step reads of `split`: what its data fingerprint covers."""
+    images, labels = split_files(cfg.dataset, cfg.data_dir, split, curated_7=spec.curated_7 and split == "train")
+    return images + labels
+
+
+def _resolved_precision(cfg):
+    """What --precision auto means here: the official fp16 where the step runs on a GPU, else fp32."""
     if cfg.precision != "auto":
         return cfg.precision
-    gpus = requested_gpus(cfg.gpu)
-    return "fp16" if gpus or (not spec.single_process and torch.cuda.is_available()) else "fp32"
+    return "fp16" if requested_gpus(cfg.gpu) else "fp32"
 
 
-def _decide_to_run(cfg, spec, paths, identity):
+def _decide_to_run(cfg, spec, paths, identity, fingerprints):
     """False when the step's output is up to date; prints why a step runs again."""
     label = _label(cfg)
     main = Path(spec.outputs(paths)[0])
@@ -177,7 +199,14 @@ def _decide_to_run(cfg, spec, paths, identity):
              f"is. Pass --restart to make it again.")
         return False
     changed = differences(record.get("identity", {}), identity)
-    if record.get("complete") and not changed and all(Path(p).is_file() for p in spec.outputs(paths)):
+    recorded = record.get("artifacts", {})
+    damaged = [str(p) for p in spec.outputs(paths)
+               if not Path(p).is_file() or (str(p) in recorded and fingerprints.file(p) != recorded[str(p)])]
+    if damaged:
+        _say(f"[{label}] {', '.join(damaged)} is not what its run wrote (missing, damaged or replaced); running the "
+             f"step again")
+        return True
+    if record.get("complete") and not changed:
         _say(f"[{label}] {main} is up to date (made from the same inputs and settings); skipping. "
              f"Pass --restart to make it again.")
         return False
@@ -222,7 +251,7 @@ def step_record(ctx, epochs_done, artifact_fingerprints=None):
         "precision": ctx.identity["settings"]["precision"], "seed": cfg.seed,
         "label_leak": cfg.label_leak, "backbone": {"file": str(cfg.ckpt), **ctx.identity["backbone"]},
         "upstream": {name: {k: v for k, v in entry.items() if k != "record"} for name, entry in ctx.upstream.items()},
-        "accepted_partial": ctx.warnings, "version": project_version(), "written": now(),
+        "accepted_partial": ctx.warnings, "version": project_version(), "written": now(), "run_id": ctx.run_id,
         "command": " ".join(sys.argv),
     }
     if recipe is not None:
@@ -452,6 +481,9 @@ def fit(ctx, training, resolution, save_artifacts, dataset=None):
     logger = Logger(ctx)
     logger.record(step_record(ctx, 0))
     resume = ResumeState(ctx, recipe.shared_batch)
+    # Under torchrun every process decided on its own; rank 0 discarded a stale or --restart-ed state
+    # before it started: wait for it, so that no process resumes from what rank 0 dropped.
+    barrier()
     resume.load(training)
     label = _label(cfg)
     for epoch in range(resume.first_epoch, cfg.epochs):

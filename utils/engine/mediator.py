@@ -78,7 +78,6 @@ def train(ctx):
 
 
 SPEC = StepSpec(
-    name="mediator",
     outputs=lambda paths: [paths.modular],
     upstream=lambda cfg, paths: {},
     data=("train",),

@@ -336,7 +336,6 @@ def upstream(cfg, paths):
 
 
 SPEC = StepSpec(
-    name="primaps",
     outputs=lambda paths: [paths.primaps],
     upstream=upstream,
     data=("train", "val"),
@@ -346,7 +345,6 @@ SPEC = StepSpec(
 )
 
 INIT_SPEC = StepSpec(
-    name=PRIMAPS_INIT,
     outputs=lambda paths: [paths.primaps_init],
     upstream=lambda cfg, paths: {},
     data=("train",),

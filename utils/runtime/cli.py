@@ -13,13 +13,19 @@ from utils.runtime.distributed import debugging, torchrun_rank
 def main(step, head=None, argv=None):
     from utils.engine import engine
     from utils.runtime.config import parse_config
+    label = step.replace('_', ' ') + (' ' + head.upper() if head else '')
+    return guarded(label, lambda: engine(step).run(parse_config(step, head, argv)))
+
+
+def guarded(label, work):
+    """work()'s result; a user error ends the process with one line, "error [label]: ...", and status 2."""
     try:
-        return engine(step).run(parse_config(step, head, argv))
+        return work()
     except UserError as err:
         if debugging():
             raise
         # Under torchrun every process checks the same inputs before training starts: rank 0 tells.
         if torchrun_rank() != 0 and not getattr(err, "raised_in_worker", False):
             sys.exit(2)
-        print(f"error [{step.replace('_', ' ')}{' ' + head.upper() if head else ''}]: {err}", file=sys.stderr)
+        print(f"error [{label}]: {err}", file=sys.stderr)
         sys.exit(2)

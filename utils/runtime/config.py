@@ -26,6 +26,13 @@ PRIMAPS_INIT = "primaps_init"
 _HEAD_STEPS = ("front_door", "fine_tune", "test", *PRIMAPS_STEPS)
 _MODEL_STEPS = (*TRAINING, "test", "test_primaps")
 _ALL = STEPS
+# predict.py is no pipeline step: it takes the options below that name "predict" (the model of
+# earlier steps, as the test step reads it) and adds its own (utils/engine/predict.py).
+PREDICT = "predict"
+_ALL_AND_PREDICT = (*_ALL, PREDICT)
+_MODEL_AND_PREDICT = (*_MODEL_STEPS, PREDICT)
+_HEAD_AND_PREDICT = (*_HEAD_STEPS, PREDICT)
+_TEST_AND_PREDICT = ("test", PREDICT)
 
 # Epochs of each step (SPEC §3-§5, PRIMAPS.md §2); the mediator's and front door's do not depend on the head.
 DEFAULT_EPOCHS = {"mediator": 1, "front_door": 2, ("fine_tune", "tr"): 5, ("fine_tune", "mlp"): 1, "primaps": 50}
@@ -64,32 +71,39 @@ def _yes_no(value):
 
 
 OPTIONS = (
-    Option(("--dataset",), _ALL, "data and backbone", dict(default="cocostuff27", choices=sorted(DATASETS))),
+    Option(("--dataset",), _ALL_AND_PREDICT, "data and backbone", dict(
+        default="cocostuff27", choices=sorted(DATASETS),
+        help="the data set trained on and tested on (predict.py: its classes' names and palette)")),
     Option(("--data_dir",), _ALL, "data and backbone", dict(
         type=Path, default=Path(os.environ.get("CAUSE_DATA_DIR", "data")),
         help="folder holding cocostuff/, cityscapes/, pascalvoc/, potsdam/ (README, Data)")),
-    Option(("--ckpt",), _MODEL_STEPS, "data and backbone", dict(
+    Option(("--ckpt",), _MODEL_AND_PREDICT, "data and backbone", dict(
         type=Path, default=Path("checkpoint/dino_vit_base_8.pth"),
         help="backbone release file; its name gives the arch unless --arch is given")),
-    Option(("--arch",), _MODEL_STEPS, "data and backbone", dict(
+    Option(("--arch",), _MODEL_AND_PREDICT, "data and backbone", dict(
         default=None, choices=sorted(ARCHS), help="arch of --ckpt when its file name is not <arch>.pth")),
-    Option(("--dino_small_heads",), _MODEL_STEPS, "data and backbone", dict(
+    Option(("--dino_small_heads",), _MODEL_AND_PREDICT, "data and backbone", dict(
         type=int, default=12, choices=(6, 12),
         help="attention heads of DINO ViT-S: 12 as the official CAUSE code and its released heads, "
              "6 as DINO defines it")),
-    Option(("--output_root",), _MODEL_STEPS, "artifacts", dict(type=Path, default=Path("CAUSE"))),
-    Option(("--results_root",), ("test", "test_primaps"), "artifacts", dict(type=Path, default=Path("results"))),
+    Option(("--output_root",), _MODEL_AND_PREDICT, "artifacts", dict(
+        type=Path, default=Path("CAUSE"), help="folder of the trained (or released) CAUSE files (README)")),
+    Option(("--results_root",), (*_TEST_AND_PREDICT, "test_primaps"), "artifacts", dict(
+        type=Path, default=Path("results"), help="folder of the test steps' metrics.json and pictures")),
     Option(("--logs_root",), TRAINING, "artifacts", dict(type=Path, default=Path("logs"))),
-    Option(("--num_codebook",), _MODEL_STEPS, "artifacts", dict(type=int, default=2048)),
-    Option(("--reduced_dim",), _HEAD_STEPS, "artifacts", dict(type=int, default=90)),
-    Option(("--projection_dim",), _HEAD_STEPS, "artifacts", dict(type=int, default=2048)),
+    Option(("--num_codebook",), _MODEL_AND_PREDICT, "artifacts", dict(
+        type=int, default=2048, help="prototypes of the mediator's concept clusterbook")),
+    Option(("--reduced_dim",), _HEAD_AND_PREDICT, "artifacts", dict(
+        type=int, default=90, help="width of the segmentation head's features")),
+    Option(("--projection_dim",), _HEAD_AND_PREDICT, "artifacts", dict(
+        type=int, default=2048, help="width of the front door's projection head")),
     Option(("--restart",), _ALL, "artifacts", dict(
         action="store_true", help="redo this step from scratch: ignore its resume state and finished output")),
     Option(("--if_changed",), _MODEL_STEPS, "artifacts", dict(
         default="rerun", choices=("rerun", "refuse"),
         help="when an input of this step's earlier output changed (backbone, data, an earlier step's "
              "artifact, settings): rerun the step (default), or stop and say what changed")),
-    Option(("--accept_partial",), ("front_door", "fine_tune", "test", *PRIMAPS_STEPS), "artifacts", dict(
+    Option(("--accept_partial",), ("front_door", "fine_tune", "test", *PRIMAPS_STEPS, PREDICT), "artifacts", dict(
         action="store_true",
         help="use an earlier step's artifact written by an interrupted run (recorded as such) instead of "
              "stopping")),
@@ -103,9 +117,10 @@ OPTIONS = (
                                        "per process, lr 5e-3 × processes")}),
     Option(("--epochs",), TRAINING, "training", dict(
         type=int, default=None, help="default: 1 mediator, 2 front door, fine-tune 5 (TR) / 1 (MLP), 50 PriMaPs")),
-    Option(("--batch_size",), _MODEL_STEPS, "training", dict(
+    Option(("--batch_size",), _MODEL_AND_PREDICT, "training", dict(
         type=int, default=16, help="training: the global batch (paper recipe) or the batch per process "
-                                   "(scaled); test: images per forward pass"),
+                                   "(scaled); test: images per forward pass; predict.py: windows per "
+                                   "forward pass"),
         per_step={"primaps": dict(default=32, help="the global batch (paper recipe) or the batch per process "
                                                    "(scaled); also the images per forward pass of the masks")}),
     Option(("--lr",), TRAINING, "training", dict(
@@ -119,31 +134,32 @@ OPTIONS = (
                                      "later full run does not take the result for complete)")),
     Option(("--grid",), _CAUSE_TRAINING, "training", dict(
         type=_yes_no, default=True, help="stochastic grid sampling (yes/no)")),
-    Option(("--train_resolution",), _MODEL_STEPS, "training", dict(
+    Option(("--train_resolution",), _MODEL_AND_PREDICT, "training", dict(
         type=int, default=None,
         help="default 320 (322 for DINOv2); the MLP head's front door and fine-tuning train at 224"),
         per_step={"primaps": dict(help="training and pseudo-mask resolution, default 320 (322 for DINOv2); in "
                                        "cause mode with the TR head, the one the CAUSE steps trained at")}),
-    Option(("--test_resolution",), _HEAD_STEPS, "training", dict(
-        type=int, default=None, help="default 320 (322 for DINOv2)")),
+    Option(("--test_resolution",), _HEAD_AND_PREDICT, "training", dict(
+        type=int, default=None, help="default 320 (322 for DINOv2); predict.py's window size")),
     Option(("--seed",), TRAINING, "training", dict(type=int, default=0)),
     Option(("--label_leak",), ("fine_tune",), "training", dict(
         action="store_true",
         help="let the labelled probe's loss train head_ema as the official code does (uses ground-truth "
              "labels; only for comparing with the paper)")),
-    Option(("--precision",), _MODEL_STEPS, "processes", dict(
+    Option(("--precision",), _MODEL_AND_PREDICT, "processes", dict(
         default="auto", choices=("auto", "fp16", "bf16", "fp32"),
         help="autocast precision; auto: fp16 with loss scaling on GPU (as the official code), fp32 on CPU")),
-    Option(("--gpu",), _MODEL_STEPS, "processes", dict(
-        default=None, help="GPUs to use, e.g. 0,1,2,3 (one process each; the test step uses the first); "
-                           "default: all visible, or the CPU")),
+    Option(("--gpu",), _MODEL_AND_PREDICT, "processes", dict(
+        default=None, help="GPUs to use, e.g. 0,1,2,3 (one process each; the test step and predict.py use the "
+                           "first); default: all visible, or the CPU")),
     Option(("--nproc",), TRAINING, "processes", dict(
         type=int, default=1, help="CPU processes (gloo) when no GPU is used")),
     Option(("--port",), TRAINING, "processes", dict(
         type=int, default=12355, help="rendezvous port of a --gpu/--nproc spawn")),
-    Option(("--num_workers",), _ALL, "processes", dict(type=int, default=min(4, os.cpu_count() or 1))),
-    Option(("--crf_workers",), ("test", *PRIMAPS_STEPS), "evaluation", dict(
-        type=int, default=min(8, os.cpu_count() or 1), help="CPU processes running the dense CRF")),
+    Option(("--num_workers",), _ALL_AND_PREDICT, "processes", dict(
+        type=int, default=min(4, os.cpu_count() or 1), help="processes that read the images")),
+    Option(("--crf_workers",), (*_TEST_AND_PREDICT, *PRIMAPS_STEPS), "evaluation", dict(
+        type=int, default=min(8, os.cpu_count() or 1), help="processes that run the dense CRF")),
     Option(("--num_pictures",), ("test", "test_primaps"), "evaluation", dict(
         type=int, default=100, help="val images whose predictions are saved as pictures (-1: all of them)")),
     Option(("--mode",), PRIMAPS_STEPS, "PriMaPs", dict(
@@ -176,12 +192,14 @@ def option_names(step):
     return {option.flags[0][2:] for option in options_of(step)}
 
 
-def build_parser(step, head=None):
-    """The parser of one step, from OPTIONS; `head` only changes the description."""
-    if step not in STEPS:
-        raise ValueError(f"unknown step {step!r}; expected one of {STEPS}")
+def build_parser(step, head=None, **parser_options):
+    """The parser of one step (or of predict.py's shared options), from OPTIONS; `head` only changes
+    the description; `parser_options` go to argparse.ArgumentParser."""
+    if step not in (*STEPS, PREDICT):
+        raise ValueError(f"unknown step {step!r}; expected one of {STEPS} or {PREDICT!r}")
     title = "PriMaPs-EM step" if step in PRIMAPS_STEPS else "CAUSE step"
-    parser = argparse.ArgumentParser(description=f"{title}: {step}" + (f" ({head.upper()} head)" if head else ""))
+    parser_options.setdefault("description", f"{title}: {step}" + (f" ({head.upper()} head)" if head else ""))
+    parser = argparse.ArgumentParser(**parser_options)
     groups = {}
     for option in options_of(step):
         if option.group not in groups:
@@ -248,9 +266,13 @@ class Config:
 
 
 def parse_config(step, head=None, argv=None):
+    return make_config(step, head, vars(build_parser(step, head).parse_args(argv)))
+
+
+def make_config(step, head, given):
+    """The Config of `step` from the options `given` ({name: value}, as its parser returns them)."""
     if head is not None and head not in HEADS:
         raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
-    given = vars(build_parser(step, head).parse_args(argv))
     # Options this step's parser lacks take their defaults (a flag not given is off).
     values = {option.flags[0][2:]: option.kwargs.get("default", False) for option in OPTIONS}
     values.update(given)

@@ -66,9 +66,10 @@ def launch(worker, cfg):
     results = mp.get_context("spawn").Manager().dict()
     try:
         mp.spawn(_run_process, args=(worker, cfg, gpus, results), nprocs=world_size, join=True)
-    except mp.ProcessExitedException:
-        # A process exits on its own only through a user error, whose message it left here; any
-        # other death (killed, out of memory) is reported as torch's launcher reports it.
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        # A process that meets a user error leaves its message here before it exits; the others may
+        # fail after it (a collective's peer is gone) and be reported first. Any other failure (a bug,
+        # a process killed or out of memory) is reported as torch's launcher reports it.
         if "user_error" in results:
             raise UserError(results["user_error"]) from None
         raise
@@ -213,12 +214,12 @@ class BatchGroup:
         """The group's rows of `tensor` [rows, ...] concatenated in rank order: the whole global batch."""
         if not self.shared:
             return tensor
+        # Collectives need equal shapes: every process sends its rows padded to the largest share.
         most = max(self.row_counts)
         padded = tensor.new_zeros((most, *tensor.shape[1:]))
         padded[:tensor.shape[0]] = tensor
-        slots = tensor.new_empty((len(self.row_counts) * most, *tensor.shape[1:]))
-        dist.all_gather_into_tensor(slots, padded.contiguous())
-        parts = slots.split(most)
+        parts = [torch.empty_like(padded) for _ in self.row_counts]
+        dist.all_gather(parts, padded)
         return torch.cat([part[:rows] for part, rows in zip(parts, self.row_counts, strict=True)])
 
     def reduce_gradients(self, parameters):

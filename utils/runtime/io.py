@@ -86,3 +86,10 @@ def save_png(array, path):
     """A uint8 [H,W] or [H,W,3] array as a PNG file."""
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+def save_jpeg(array, path, quality=90):
+    """A uint8 [H,W,3] array as a JPEG file (for pictures of photos: a tenth of a PNG's size), with
+    full-resolution colour (no chroma subsampling), so that the edges of coloured labels stay sharp."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="JPEG", quality=quality, subsampling=0)

@@ -10,6 +10,7 @@ to every step that has an --epochs option, shared options (--dataset, --data_dir
 --precision, ...) to every step. An option no step knows, or a value a step refuses, stops the run
 before any step starts. The environment gives defaults: DATASET, HEAD, CKPT, DATA_DIR, GPU.
 Each step skips work whose output is up to date and resumes an interrupted one (README).
+The demo ends by segmenting a few of its images with predict.py, as a user would their own.
 """
 import json
 import os
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from errors import UserError
-from utils.runtime.config import HEADS, OPTIONS, PRIMAPS_STEPS, option_names, parse_config
+from utils.runtime.config import HEADS, OPTIONS, PREDICT, PRIMAPS_STEPS, option_names, parse_config
 from utils.runtime.paths import paths_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +80,27 @@ def route(tokens, steps):
     return routed
 
 
+def split_head(tokens, head):
+    """(the head, the other tokens): --head is the pipeline's own option (it picks the scripts)."""
+    rest = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i] == "--head":
+            if i + 1 >= len(tokens):
+                raise PipelineError("--head needs a value: mlp or tr")
+            head = tokens[i + 1]
+            i += 2
+            continue
+        if tokens[i].startswith("--head="):
+            head = tokens[i].split("=", 1)[1]
+        else:
+            rest.append(tokens[i])
+        i += 1
+    if head not in HEADS:
+        raise PipelineError(f"--head must be mlp or tr, got {head!r}")
+    return head, rest
+
+
 def usage():
     lines = [__doc__.strip(), "", "pipeline options:",
              "  demo                 run on the embedded demo data (default when no data is configured)",
@@ -101,25 +123,10 @@ def main(argv=None):
     demo = bool(tokens) and tokens[0] == "demo"
     if demo:
         tokens = tokens[1:]
-    head = os.environ.get("HEAD", "tr")
-    primaps = "--primaps" in tokens
-    tokens = [token for token in tokens if token != "--primaps"]
-    rest = []
-    i = 0
-    while i < len(tokens):
-        if tokens[i] == "--head":
-            if i + 1 >= len(tokens):
-                raise PipelineError("--head needs a value: mlp or tr")
-            head = tokens[i + 1]
-            i += 2
-            continue
-        if tokens[i].startswith("--head="):
-            head = tokens[i].split("=", 1)[1]
-        else:
-            rest.append(tokens[i])
-        i += 1
-    if head not in HEADS:
-        raise PipelineError(f"--head must be mlp or tr, got {head!r}")
+    head, rest = split_head(tokens, os.environ.get("HEAD", "tr"))
+    primaps = "--primaps" in rest
+    rest = [token for token in rest if token != "--primaps"]
+    steps = (*PIPELINE, *PRIMAPS_STEPS) if primaps else PIPELINE
     defaults = [f"--{option}={os.environ[variable]}" for variable, option in ENVIRONMENT.items()
                 if os.environ.get(variable)]
     data_given = any(t.split("=")[0].endswith("data_dir") for t in rest + defaults) or os.environ.get("CAUSE_DATA_DIR")
@@ -127,20 +134,26 @@ def main(argv=None):
         print("No data directory configured (--data_dir, DATA_DIR, or ./data): running the demo.")
         print("It checks the pipeline on synthetic data; see README.md for a real run.")
         demo = True
+    commands = []
     if demo:
-        from utils.tools.demo import prepare
+        from utils.engine.predict import parse_options
+        from utils.tools.demo import predict_arguments, prepare
         data_dir, ckpt, options = prepare(ROOT / "demo")
         defaults = [*options, f"--data_dir={data_dir}", f"--ckpt={ckpt}", "--dataset=cocostuff27"]
-    steps = (*PIPELINE, *PRIMAPS_STEPS) if primaps else PIPELINE
-    routed = route(defaults + rest, steps)
+        # predict.py takes the options it shares with the steps as the steps do (the model's sizes).
+        routed = route(defaults + rest, (*steps, PREDICT))
+        predict_argv = routed[PREDICT] + predict_arguments(ROOT / "demo", head)
+        parse_options(predict_argv)
+        commands.append(["predict.py", *predict_argv])
+    else:
+        routed = route(defaults + rest, steps)
     for step in PRIMAPS_STEPS if primaps else ():
         routed[step] = ["--head", head, *routed[step]]
     # Every step's options are checked before the first one starts.
     configs = {step: parse_config(step, head if step in HEAD_STEPS else None, routed[step]) for step in steps}
-    for step in steps:
-        command = [sys.executable, SCRIPTS[step].format(head=head), *routed[step]]
-        print("+ " + shlex.join(command[1:]), flush=True)
-        done = subprocess.run(command, cwd=ROOT)
+    for command in [[SCRIPTS[step].format(head=head), *routed[step]] for step in steps] + commands:
+        print("+ " + shlex.join(command), flush=True)
+        done = subprocess.run([sys.executable, *command], cwd=ROOT)
         if done.returncode:
             return done.returncode
     if primaps:

@@ -132,8 +132,10 @@ def upstream_entry(artifact, produced_by, fingerprints, record=None):
 
 
 def identity_of(entry):
-    """The part of an upstream entry a later step's result depends on (not the record's own details)."""
-    return {"fingerprint": entry["fingerprint"], "origin": entry["origin"], "complete": entry["complete"]}
+    """The part of an upstream entry a later step's result depends on: its content, and the run that made
+    it (a rerun of an earlier step reruns the later ones, even where its output came out the same)."""
+    run = entry["record"].get("run_id") if entry["origin"] == "trained" else None
+    return {"fingerprint": entry["fingerprint"], "origin": entry["origin"], "complete": entry["complete"], "run": run}
 
 
 def check_complete(upstream, accept_partial):

@@ -3,7 +3,8 @@
 `prepare(root)` (called by `bash run demo`) writes, once,
   root/data/cocostuff/...              a synthetic data set in the real cocostuff layout (SPEC §2)
   root/checkpoint/dino_vit_tiny_8.pth  a ViT-Tiny/8 with the project's stand-in weights, DINO release layout
-and returns them with the options that size the run for a CPU.
+and returns them with the options that size the run for a CPU; `predict_arguments` are predict.py's
+own arguments at the end of a demo run.
 The demo's numbers check the pipeline on synthetic images; they are not the paper's.
 """
 from pathlib import Path
@@ -38,3 +39,11 @@ def prepare(root, n_train=24, n_val=12, image_size=192, seed=0):
     options = DEMO_OPTIONS + ["--output_root", str(root / "CAUSE"), "--results_root", str(root / "results"),
                               "--logs_root", str(root / "logs")]
     return data_dir, ckpt, options
+
+
+def predict_arguments(root, head, count=3):
+    """predict.py's own arguments at the end of a demo run: `count` val images, with the CRF, into
+    root/predictions_{head}, made again each run (the model may have been trained again)."""
+    images = sorted((Path(root) / "data" / "cocostuff" / "images" / "val2017").glob("*.jpg"))[:count]
+    return ["--head", head, "--crf", "--overwrite", "--output", str(Path(root) / f"predictions_{head}"),
+            *map(str, images)]
