@@ -8,7 +8,7 @@ import copy
 
 import torch
 
-from utils.engine.loop import Precision, optimizer_step
+from utils.engine.loop import Precision, optimizer_step, resolved_precision
 from utils.runtime.distributed import BatchGroup
 
 CPU = torch.device("cpu")
@@ -29,7 +29,7 @@ def test_precision_auto_is_fp32_on_cpu_and_the_others_are_honoured():
         assert precision.scaler.is_enabled() == scaled, name
         with precision.autocast():
             assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == dtype, name
-    assert Precision("auto", torch.device("cuda", 0)).name == "fp16", "the official precision on a GPU"
+    assert resolved_precision("auto", "cuda") == "fp16", "the official precision on a GPU"
 
 
 def test_loss_scaling_gives_the_unscaled_step_with_clipping():

@@ -284,3 +284,23 @@ def test_a_demo_run_ends_by_segmenting_demo_images_with_the_model_it_tested(tmp_
         assert getattr(cfg, name) == getattr(tested, name), name
     assert cfg.head == "mlp" and options.crf and options.output == tmp_path / "demo" / "predictions_mlp"
     assert len(options.inputs) == 3 and all(Path(path).is_file() for path in options.inputs)
+
+
+def test_a_primaps_model_predicts_as_its_test_step(trained, tmp_path):
+    """--model primaps: PriMaPs-EM's θ_M (here in backbone mode) gives the PriMaPs test step's predictions."""
+    root, args, _ = trained
+    primaps_args = [*args, "--mode", "backbone", "--epochs", "1", "--init_epochs", "1", "--pca_batches", "1",
+                    "--num_pictures", "-1"]
+    run_step("primaps", None, primaps_args)
+    run_step("test_primaps", None, primaps_args)
+    results = root / "results" / "cocostuff27" / "PRIMAPS_BACKBONE" / "dino_vit_tiny_8"
+    matching = np.array(json.loads((results / "metrics.json").read_text())["cluster_to_class"])
+    assert predict(trained, [results / "imgs"], tmp_path, "--crf", "--model", "primaps", "--mode", "backbone") == 0
+    predicted = set()
+    for image in sorted((results / "imgs").glob("*.png")):
+        ids = ids_of(tmp_path / "ids" / image.name)
+        predicted.update(np.unique(ids).tolist())
+        assert np.array_equal(ids, matching[decode(results / "crf" / image.name)])
+    assert len(predicted) > 2, "a model that predicts one class would match anything"
+    classes = json.loads((tmp_path / "classes.json").read_text())
+    assert classes["model"]["model"] == "primaps" and classes["model"]["mode"] == "backbone"

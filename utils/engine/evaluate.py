@@ -93,10 +93,28 @@ def score(ctx, pool, loader, predict, variants, pictures_dir, desc):
     return results, 100 * (probe[0] / probe[1].clamp(min=1)).item()
 
 
-def result_record(ctx):
-    """What a metrics.json says of how it was made: it is its own record."""
-    return {"complete": True, "identity": ctx.identity, "upstream": ctx.upstream, "accepted_partial": ctx.warnings,
-            "version": project_version(), "written": now(), "run_id": ctx.run_id}
+def save_report(ctx, path, results, probe, variants, **description):
+    """Write and return a test step's metrics.json: `description`, each variant's figures, the
+    Hungarian matching of the headline ("crf": the class each cluster stands for, which predict.py
+    uses), the linear probe's accuracy, and how it was made (a metrics.json is its own record)."""
+    report = {
+        **description,
+        **{name: summary(result) for name, result in results.items()},
+        "variants": variants,
+        "cluster_to_class": results["crf"]["assignment"].tolist(),
+        "linear_probe_pixel_accuracy_uses_labels": probe,
+        "complete": True, "identity": ctx.identity, "upstream": ctx.upstream, "accepted_partial": ctx.warnings,
+        "version": project_version(), "written": now(), "run_id": ctx.run_id,
+    }
+    save_text(json.dumps(report, indent=2, default=str), path)
+    return report
+
+
+def print_released(label, report):
+    """Say which of the files a result was computed from are released ones (no record of how they were made)."""
+    released = [entry["file"] for entry in report["upstream"].values() if entry["origin"] == "released"]
+    if released:
+        print(f"{label} released files (no record of how they were made): {', '.join(released)}")
 
 
 @torch.no_grad()
@@ -117,25 +135,15 @@ def evaluate(ctx):
 
         results, probe = score(ctx, pool, validation_loader(ctx, cfg.test_resolution), predict, VARIANTS,
                                ctx.paths.results, f"[test {cfg.head.upper()}] {cfg.dataset}")
-    report = {
-        "dataset": cfg.dataset, "head": cfg.head, "backbone": cfg.arch, "checkpoint": str(cfg.ckpt),
-        **{name: summary(result) for name, result in results.items()},
-        "variants": VARIANTS,
-        # The Hungarian matching of the paper's figure: the class each cluster stands for (predict.py uses it).
-        "cluster_to_class": results["crf"]["assignment"].tolist(),
-        "linear_probe_pixel_accuracy_uses_labels": probe,
-        **result_record(ctx),
-    }
-    save_text(json.dumps(report, indent=2, default=str), ctx.paths.metrics)
+    report = save_report(ctx, ctx.paths.metrics, results, probe, VARIANTS, dataset=cfg.dataset, head=cfg.head,
+                         backbone=cfg.arch, checkpoint=str(cfg.ckpt))
     print_report(cfg, ctx.paths, report)
     return report
 
 
 def print_report(cfg, paths, report):
     label = f"[test {cfg.head.upper()}]"
-    released = [entry["file"] for entry in report["upstream"].values() if entry["origin"] == "released"]
-    if released:
-        print(f"{label} released files (no record of how they were made): {', '.join(released)}")
+    print_released(label, report)
     print(f"{label} {cfg.dataset}: without CRF mIoU {report['no_crf']['mIoU']:.1f} pAcc {report['no_crf']['pAcc']:.1f} "
           f"(without flip averaging, as the official no-CRF figure: mIoU {report['no_crf_no_flip']['mIoU']:.1f}); "
           f"linear probe (uses labels) pixel accuracy {report['linear_probe_pixel_accuracy_uses_labels']:.1f}")

@@ -19,7 +19,6 @@ from utils.engine import evaluate
 from utils.engine.loop import Precision, StepSpec, Upstream, run_step, validation_loader
 from utils.engine.primaps import MOMENTUM_MAX_DECAY, feature_dim, load_features
 from utils.runtime.artifacts import load_state_strict
-from utils.runtime.io import save_text
 
 # The headline's variants keep the CAUSE test step's names, so both metrics.json read alike.
 VARIANTS = {
@@ -63,24 +62,15 @@ def evaluate_primaps(ctx):
 
         results, probe = evaluate.score(ctx, pool, validation_loader(ctx, cfg.test_resolution), predict, VARIANTS,
                                         ctx.paths.primaps_results, f"{_label(cfg)} {cfg.dataset}")
-    report = {
-        "dataset": cfg.dataset, "mode": cfg.mode, "head": cfg.head, "backbone": cfg.arch, "checkpoint": str(cfg.ckpt),
-        **{name: evaluate.summary(result) for name, result in results.items()},
-        "variants": VARIANTS,
-        "cluster_to_class": results["crf"]["assignment"].tolist(),
-        "linear_probe_pixel_accuracy_uses_labels": probe,
-        **evaluate.result_record(ctx),
-    }
-    save_text(json.dumps(report, indent=2, default=str), ctx.paths.primaps_metrics)
+    report = evaluate.save_report(ctx, ctx.paths.primaps_metrics, results, probe, VARIANTS, dataset=cfg.dataset,
+                                  mode=cfg.mode, head=cfg.head, backbone=cfg.arch, checkpoint=str(cfg.ckpt))
     print_report(cfg, ctx.paths, report)
     return report
 
 
 def print_report(cfg, paths, report):
     label = _label(cfg)
-    released = [entry["file"] for entry in report["upstream"].values() if entry["origin"] == "released"]
-    if released:
-        print(f"{label} released files (no record of how they were made): {', '.join(released)}")
+    evaluate.print_released(label, report)
     for name in VARIANTS:
         print(f"{label} {name:<15} mIoU {report[name]['mIoU']:5.1f}  pAcc {report[name]['pAcc']:5.1f}  "
               f"({VARIANTS[name]})")

@@ -164,10 +164,15 @@ def _data_files(cfg, spec, split):
 
 
 def _resolved_precision(cfg):
-    """What --precision auto means here: the official fp16 where the step runs on a GPU, else fp32."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "fp16" if requested_gpus(cfg.gpu) else "fp32"
+    """The precision a step of `cfg` will run at, before it is launched on its devices."""
+    return resolved_precision(cfg.precision, "cuda" if requested_gpus(cfg.gpu) else "cpu")
+
+
+def resolved_precision(name, device_type):
+    """What --precision auto means: the official fp16 (with loss scaling) on a GPU, fp32 on a CPU."""
+    if name != "auto":
+        return name
+    return "fp16" if device_type == "cuda" else "fp32"
 
 
 def _decide_to_run(cfg, spec, paths, identity, fingerprints):
@@ -269,8 +274,7 @@ class Precision:
     on CPU; fp16 and bf16 are honoured on CPU too (CPU autocast, the same GradScaler path)."""
 
     def __init__(self, name, device):
-        if name == "auto":
-            name = "fp16" if device.type == "cuda" else "fp32"
+        name = resolved_precision(name, device.type)
         self.name = name
         self.enabled = name != "fp32"
         self.dtype = torch.bfloat16 if name == "bf16" else torch.float16

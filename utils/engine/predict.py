@@ -55,7 +55,7 @@ FOLDERS = {"ids": ".png", "color": ".png", "overlay": ".jpg"}
 CLASSES_FILE = "classes.json"
 EXIT_SOME_FAILED = 1
 
-DESCRIPTION = "Segment your own images with a trained (or released) CAUSE model."
+DESCRIPTION = "Segment your own images with a trained (or released) CAUSE model, or a PriMaPs-EM model."
 EPILOG = f"""\
 outputs, under --output, for each input NAME (its path under a folder given, without extension):
   ids/NAME.png      class ids (uint8) at the image's own width and height (after its EXIF rotation):
@@ -76,8 +76,6 @@ still written.
 exit status: 0 every image written or skipped; {EXIT_SOME_FAILED} some images failed (the summary names them),
 the others written; 2 a problem with the options, inputs or model files (one line names it and
 the fix), nothing segmented.
-
-PriMaPs models are not supported yet (utils/engine/predictors.py says how they will be).
 """
 
 
@@ -98,7 +96,9 @@ def build_predict_parser():
     own.add_argument("--head", choices=HEADS, default="tr",
                      help="the segmentation head whose trained (or released) files segment (default tr)")
     own.add_argument("--model", choices=sorted(LOADERS), default="cause",
-                     help="the method whose model segments: cause, CAUSE's nearest-centroid prediction (SPEC §6)")
+                     help="the method whose model segments: cause, CAUSE's nearest-centroid prediction (SPEC §6); "
+                          "primaps, PriMaPs-EM's momentum prototypes θ_M (PRIMAPS.md §3) in the --mode it was "
+                          "trained in (cause: on the --head's CAUSE features; backbone: on the plain backbone)")
     own.add_argument("--crf", action="store_true",
                      help="refine with the test step's dense CRF. It runs on the image at the working scale "
                           f"(--short_side), shrunk further to at most {CRF_MAX_PIXELS} pixels; its class "
@@ -123,7 +123,9 @@ def parse_options(argv=None):
     given = vars(build_predict_parser().parse_args(argv))
     own = argparse.Namespace(**{name: given.pop(name) for name in
                                 ("inputs", "output", "head", "model", "crf", "short_side", "stride", "overwrite")})
-    cfg = make_config(PREDICT, own.head, given)
+    # A PriMaPs model of backbone mode has no CAUSE head: its artifacts are named without one.
+    head = None if own.model == "primaps" and given["mode"] == "backbone" else own.head
+    cfg = make_config(PREDICT, head, given)
     res, patch = cfg.test_resolution, cfg.patch
     own.short_side = res if own.short_side is None else own.short_side
     own.stride = max(patch, res // 2 // patch * patch) if own.stride is None else own.stride

@@ -19,16 +19,8 @@ predict.py upsamples features, not logits, to the image's size, as the test step
 for CAUSE's cosine logits the two differ (for a linear head they are the same). `scores` keep that
 prediction while upsampling fewer channels.
 
-Adding PriMaPs (PRIMAPS.md §3), once its step has landed, is one loader here plus its line in
-LOADERS (which --model lists):
-  - features: CAUSE's flip-averaged head_ema features (cause mode, as CausePredictor.features) or
-    the plain backbone tokens on the patch grid (backbone mode), flip-averaged likewise;
-  - logits: θ_M, the momentum 1×1 convolution, applied to the features (its headline figure);
-    scores: the same (it is linear);
-  - crf_log_probs: log_softmax(logits) (PRIMAPS.md §3);
-  - upstream: upstream_inputs of the PriMaPs evaluation's StepSpec (its artifacts and the command
-    that makes each); metrics: that evaluation's metrics.json, which must save "cluster_to_class"
-    as the CAUSE test step does, with the same "identity" record so `predict.matching` can check it.
+Two loaders: CAUSE (its test step's prediction) and PriMaPs-EM (its test step's headline, θ_M,
+in either mode). A new model is one loader here plus its line in LOADERS (which --model lists).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modules.features import head_features
+from modules.features import flip_averaged, head_features
+from modules.primaps import PriMaPsModel
 from modules.probe import crf_log_probs
-from utils.engine import evaluate
+from utils.engine import evaluate, evaluate_primaps
 from utils.engine.loop import Precision, StepContext, artifact_paths, require_backbone_file, upstream_inputs
+from utils.engine.primaps import MOMENTUM_MAX_DECAY, feature_dim, load_features
+from utils.runtime.artifacts import load_state_strict
 from utils.runtime.distributed import Dist
 from utils.runtime.records import check_complete
 
@@ -88,11 +83,56 @@ def load_cause(cfg, device, fingerprints):
     backbone, segment, cluster = evaluate.load_trained_modules(ctx, upstream["segment"]["file"])
     predictor = CausePredictor(backbone, segment, cluster, Precision(cfg.precision, device), cfg.test_resolution,
                                cfg.patch)
-    description = {"model": "cause", "dataset": cfg.dataset, "head": cfg.head, "backbone": cfg.arch,
-                   "fingerprints": {"backbone": fingerprints.file(cfg.ckpt),
-                                    **{name: entry["fingerprint"] for name, entry in upstream.items()}}}
-    files = {"backbone": str(cfg.ckpt), **{name: entry["file"] for name, entry in upstream.items()}}
+    description, files = _loaded_from(cfg, upstream, fingerprints, model="cause", head=cfg.head)
     return LoadedModel(predictor, upstream, paths.metrics, f"test_{cfg.head}.py", description, files)
 
 
-LOADERS = {"cause": load_cause}
+class PriMaPsPredictor:
+    """PriMaPs-EM's prediction (PRIMAPS.md §3): its features (CAUSE's head_ema or the backbone's
+    tokens) averaged with the mirrored image's, scored by θ_M, the momentum prototypes."""
+
+    def __init__(self, feature_fn, model, resolution, patch):
+        self.feature_fn, self.model = feature_fn, model
+        self.resolution, self.patch = resolution, patch
+        self.n_clusters = model.momentum.prototypes.weight_v.shape[0]
+
+    def features(self, windows):
+        return flip_averaged(self.feature_fn, windows)[1]
+
+    def logits(self, features):
+        return self.model.momentum(features)
+
+    def scores(self, features):
+        """The logits themselves: θ_M is a 1×1 convolution, linear in the features."""
+        return self.logits(features)
+
+    def crf_log_probs(self, logits):
+        return logits.log_softmax(dim=1)
+
+
+def _loaded_from(cfg, upstream, fingerprints, **what):
+    """(description, files) of a model for classes.json: what it is and the fingerprints of its files."""
+    description = {**what, "dataset": cfg.dataset, "backbone": cfg.arch,
+                   "fingerprints": {"backbone": fingerprints.file(cfg.ckpt),
+                                    **{name: entry["fingerprint"] for name, entry in upstream.items()}}}
+    files = {"backbone": str(cfg.ckpt), **{name: entry["file"] for name, entry in upstream.items()}}
+    return description, files
+
+
+def load_primaps(cfg, device, fingerprints):
+    """The PriMaPs model (--mode cause or backbone) the PriMaPs test step of `cfg` would evaluate."""
+    require_backbone_file(cfg)
+    paths = artifact_paths(cfg)
+    upstream = upstream_inputs(cfg, evaluate_primaps.SPEC, paths, fingerprints)
+    check_complete(upstream, cfg.accept_partial)
+    ctx = StepContext(cfg, Dist(0, 1, device), paths, None, {}, upstream)
+    feature_fn, _ = load_features(ctx, Precision(cfg.precision, device))
+    model = PriMaPsModel(feature_dim(cfg), cfg.n_classes, MOMENTUM_MAX_DECAY).to(device)
+    load_state_strict(model, paths.primaps, "PriMaPs model", evaluate_primaps.trained_by(cfg))
+    predictor = PriMaPsPredictor(feature_fn, model, cfg.test_resolution, cfg.patch)
+    description, files = _loaded_from(cfg, upstream, fingerprints, model="primaps", mode=cfg.mode, head=cfg.head)
+    return LoadedModel(predictor, upstream, paths.primaps_metrics, f"test_primaps.py --mode {cfg.mode}",
+                       description, files)
+
+
+LOADERS = {"cause": load_cause, "primaps": load_primaps}

@@ -162,11 +162,12 @@ OPTIONS = (
         type=int, default=min(8, os.cpu_count() or 1), help="processes that run the dense CRF")),
     Option(("--num_pictures",), ("test", "test_primaps"), "evaluation", dict(
         type=int, default=100, help="val images whose predictions are saved as pictures (-1: all of them)")),
-    Option(("--mode",), PRIMAPS_STEPS, "PriMaPs", dict(
+    Option(("--mode",), (*PRIMAPS_STEPS, PREDICT), "PriMaPs", dict(
         default="cause", choices=PRIMAPS_MODES,
         help="cause: fit the prototypes to CAUSE's own features (head_ema of the trained segment module, "
              "prototypes initialised from its cluster probe; needs the CAUSE steps' artifacts); backbone: "
-             "PriMaPs-EM on the plain backbone (DINO's 6-head ViT-S), initialised by PCA and k-means")),
+             "PriMaPs-EM on the plain backbone (DINO's 6-head ViT-S), initialised by PCA and k-means "
+             "(predict.py: the mode of the PriMaPs model --model primaps reads)")),
     Option(("--head",), PRIMAPS_STEPS, "PriMaPs", dict(
         default="tr", choices=HEADS, help="cause mode: the CAUSE head whose features are used")),
     Option(("--threshold",), ("primaps",), "PriMaPs", dict(
