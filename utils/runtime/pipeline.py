@@ -104,11 +104,13 @@ def split_head(tokens, head):
 def usage():
     lines = [__doc__.strip(), "", "pipeline options:",
              "  demo                 run on the embedded demo data (default when no data is configured)",
-             f"  --head {{{','.join(HEADS)}}}       the segmentation head (default tr)",
+             f"  --head {{{','.join(HEADS)}}}       the segmentation head (default tr; PriMaPs' too)",
              "  --primaps            then PriMaPs-EM (train_primaps.py, test_primaps.py) and both results", "",
              "step options (--NAME for every step that has it, --STEP.NAME for one):"]
     for option in OPTIONS:
         name = option.flags[0]
+        if name == "--head":  # the pipeline's own, above
+            continue
         steps = [s for s in (*PIPELINE, *PRIMAPS_STEPS) if s in option.steps]
         help_text = option.kwargs.get("help", "")
         lines.append(f"  {name:<20} [{', '.join(steps)}] {help_text}".rstrip())
