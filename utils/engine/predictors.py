@@ -73,13 +73,20 @@ class CausePredictor:
         return crf_log_probs(logits)
 
 
-def load_cause(cfg, device, fingerprints):
-    """The backbone, segment module and cluster probe the test step of `cfg` would evaluate."""
+def evaluated_inputs(cfg, evaluation, device, fingerprints):
+    """The StepContext of `evaluation` (a test step's StepSpec) for `cfg` in this process, with the
+    artifacts it reads; stops at a missing or interrupted one with the evaluation's own message."""
     require_backbone_file(cfg)
     paths = artifact_paths(cfg)
-    upstream = upstream_inputs(cfg, evaluate.SPEC, paths, fingerprints)
+    upstream = upstream_inputs(cfg, evaluation, paths, fingerprints)
     check_complete(upstream, cfg.accept_partial)
-    ctx = StepContext(cfg, Dist(0, 1, device), paths, None, {}, upstream)
+    return StepContext(cfg, Dist(0, 1, device), paths, None, {}, upstream)
+
+
+def load_cause(cfg, device, fingerprints):
+    """The backbone, segment module and cluster probe the test step of `cfg` would evaluate."""
+    ctx = evaluated_inputs(cfg, evaluate.SPEC, device, fingerprints)
+    paths, upstream = ctx.paths, ctx.upstream
     backbone, segment, cluster = evaluate.load_trained_modules(ctx, upstream["segment"]["file"])
     predictor = CausePredictor(backbone, segment, cluster, Precision(cfg.precision, device), cfg.test_resolution,
                                cfg.patch)
@@ -121,11 +128,8 @@ def _loaded_from(cfg, upstream, fingerprints, **what):
 
 def load_primaps(cfg, device, fingerprints):
     """The PriMaPs model (--mode cause or backbone) the PriMaPs test step of `cfg` would evaluate."""
-    require_backbone_file(cfg)
-    paths = artifact_paths(cfg)
-    upstream = upstream_inputs(cfg, evaluate_primaps.SPEC, paths, fingerprints)
-    check_complete(upstream, cfg.accept_partial)
-    ctx = StepContext(cfg, Dist(0, 1, device), paths, None, {}, upstream)
+    ctx = evaluated_inputs(cfg, evaluate_primaps.SPEC, device, fingerprints)
+    paths, upstream = ctx.paths, ctx.upstream
     feature_fn, _ = load_features(ctx, Precision(cfg.precision, device))
     model = PriMaPsModel(feature_dim(cfg), cfg.n_classes, MOMENTUM_MAX_DECAY).to(device)
     load_state_strict(model, paths.primaps, "PriMaPs model", evaluate_primaps.trained_by(cfg))
