@@ -25,7 +25,7 @@ from loader import DATASETS, build_dataset, check_layout, split_files, verify_re
 from loader.samplers import GlobalBatchSampler, evaluation_loader, share_of, training_loader
 from models import CheckpointError, load_backbone
 from modules.randomness import BatchRandom, mixed_seed
-from utils.runtime.config import PRIMAPS_INIT, TRAINING, ConfigError, recipe_for
+from utils.runtime.config import PRIMAPS_INIT, TRAINING, ConfigError, recipe_for, step_label
 from utils.runtime.distributed import (Dist, barrier, communication_device, launch, launch_single, process_count,
                                        requested_gpus, torchrun_rank, world_size)
 from utils.runtime.io import save_torch, save_text
@@ -92,7 +92,7 @@ def artifact_paths(cfg):
 
 
 def _label(cfg):
-    return cfg.step.replace("_", " ") + (f" {cfg.head.upper()}" if cfg.head else "")
+    return step_label(cfg.step, cfg.head)
 
 
 def _say(text):

@@ -6,15 +6,14 @@ its traceback. CAUSE_DEBUG=1 keeps the traceback of user errors too.
 """
 import sys
 
-from errors import UserError
+from errors import USER_ERROR_STATUS, UserError, tell
 from utils.runtime.distributed import debugging, torchrun_rank
 
 
 def main(step, head=None, argv=None):
     from utils.engine import engine
-    from utils.runtime.config import parse_config
-    label = step.replace('_', ' ') + (' ' + head.upper() if head else '')
-    return guarded(label, lambda: engine(step).run(parse_config(step, head, argv)))
+    from utils.runtime.config import parse_config, step_label
+    return guarded(step_label(step, head), lambda: engine(step).run(parse_config(step, head, argv)))
 
 
 def guarded(label, work):
@@ -25,7 +24,7 @@ def guarded(label, work):
         if debugging():
             raise
         # Under torchrun every process checks the same inputs before training starts: rank 0 tells.
-        if torchrun_rank() != 0 and not getattr(err, "raised_in_worker", False):
-            sys.exit(2)
-        print(f"error [{label}]: {err}", file=sys.stderr)
-        sys.exit(2)
+        if torchrun_rank() != 0:
+            sys.exit(USER_ERROR_STATUS)
+        tell(label, err)
+        sys.exit(USER_ERROR_STATUS)

@@ -184,6 +184,11 @@ OPTIONS = (
 )
 
 
+def step_label(step, head=None):
+    """How messages name a step: "front door TR", "mediator"."""
+    return step.replace("_", " ") + (f" {head.upper()}" if head else "")
+
+
 def options_of(step):
     return [option for option in OPTIONS if step in option.steps]
 

@@ -21,9 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from errors import UserError
+from errors import USER_ERROR_STATUS, UserError, tell
+from utils.runtime.config import step_label
 
 DEBUG_VARIABLE = "CAUSE_DEBUG"  # set to 1: user errors keep their traceback, in every process
+# Under torchrun, a process whose collective lost its peer (gloo's words for it) exits with this status
+# and without a traceback: the process that stopped first reports why, itself.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+PEER_STOPPED_STATUS = 3
 
 
 class LaunchError(UserError):
@@ -111,11 +116,20 @@ def _run_process(local_rank, worker, cfg, gpus, results):
             results["result"] = result
         return result
     except UserError as err:
-        if results is None or debugging():
-            err.raised_in_worker = True  # torchrun: the command line's handler prints it, on this rank
+        if debugging():
             raise
+        if results is None:
+            # torchrun: this process tells it and stops at once, before closing its process group, so
+            # that its peers fail after it and the launcher sees this failure first.
+            tell(step_label(cfg.step, cfg.head), err)
+            sys.stdout.flush()
+            os._exit(USER_ERROR_STATUS)
         results.setdefault("user_error", str(err))
-        sys.exit(2)
+        sys.exit(USER_ERROR_STATUS)
+    except RuntimeError as err:
+        if results is None and any(words in str(err) for words in PEER_GONE) and not debugging():
+            sys.exit(PEER_STOPPED_STATUS)
+        raise
     finally:
         dist.destroy_process_group()
 
