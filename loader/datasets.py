@@ -2,7 +2,7 @@
 
 Training reads the cropped train set (loader/crops.py) where the data set has one, the
 uncropped train images otherwise (Potsdam-3, and PriMaPs' pseudo masks); evaluation reads the
-uncropped val set. Every layout problem is reported up front by `check_layout` with the file
+uncropped val set. Every layout problem is reported up front by `split_files` with the file
 that is missing and the layout that was expected, so a run fails before any model is built.
 """
 import json
@@ -452,11 +452,6 @@ class SegmentationDataset(Dataset):
         res = self.resize.resolution
         return {"ind": torch.zeros(0, dtype=torch.int64), "img": torch.zeros(0, 3, res, res),
                 "label": torch.zeros(0, res, res, dtype=torch.int64)}
-
-
-def check_layout(name, data_dir, split, curated_7=False):
-    """Raise DatasetLayoutError (UserError for a bad name) unless `split` can be read as the steps read it."""
-    split_files(name, data_dir, split, curated_7=curated_7)
 
 
 class _Readable(Dataset):

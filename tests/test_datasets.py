@@ -12,8 +12,8 @@ from scipy.io import loadmat, savemat
 from torch.utils.data.distributed import DistributedSampler
 
 from errors import UserError
-from loader import (DATASETS, DataError, DatasetLayoutError, build_dataset, build_source_dataset, check_layout,
-                    class_names)
+from loader import (DATASETS, DataError, DatasetLayoutError, build_dataset, build_source_dataset, class_names,
+                    split_files)
 from loader.datasets import _class_name_table, _label_maps, source_lut
 from loader.samplers import GlobalBatchSampler, evaluation_loader, share_of, training_loader
 from utils.engine.crop import write_cropped_dataset
@@ -160,21 +160,21 @@ def test_legacy_stego_crop_dir_is_read_when_alone(tmp_path):
     legacy = tmp_path / info.legacy_crop_dir
     legacy.parent.mkdir(parents=True)
     crops.rename(legacy)
-    check_layout("cocostuff27", tmp_path, "train")
+    split_files("cocostuff27", tmp_path, "train")
     dataset = build_dataset("cocostuff27", tmp_path, "train", 16)
     assert len(dataset) == 15 and dataset.source.image_files[0].is_relative_to(legacy)
 
 
 def test_unknown_names():
     with pytest.raises(UserError, match="cocostuff27.*cityscapes.*pascalvoc.*coco81.*coco171.*potsdam3"):
-        check_layout("coco", "data", "val")
+        split_files("coco", "data", "val")
     with pytest.raises(ValueError, match="split"):
         build_dataset("coco81", "data", "test", 20)
 
 
 def test_missing_or_empty_data_dir(tmp_path):
     with pytest.raises(DatasetLayoutError, match="does not exist") as err:
-        check_layout("cocostuff27", tmp_path / "nowhere", "val")
+        split_files("cocostuff27", tmp_path / "nowhere", "val")
     assert "cocostuff/images/{train2017,val2017}/ID.jpg" in str(err.value)
     with pytest.raises(DatasetLayoutError, match="is empty"):
         build_dataset("pascalvoc", tmp_path, "val", 20)
@@ -184,9 +184,9 @@ def test_missing_list_names_it(tmp_path):
     datagen.write_cocostuff(tmp_path)
     list_7 = tmp_path / "cocostuff" / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse_7.txt"
     list_7.unlink()
-    check_layout("coco81", tmp_path, "val")  # coco81 val does not use the _7 list
+    split_files("coco81", tmp_path, "val")  # coco81 val does not use the _7 list
     with pytest.raises(DatasetLayoutError, match="Coco164kFull_Stuff_Coarse_7.txt is missing") as err:
-        check_layout("cocostuff27", tmp_path, "val")
+        split_files("cocostuff27", tmp_path, "val")
     assert "Expected layout" in str(err.value)
 
 
@@ -195,7 +195,7 @@ def test_list_naming_absent_images(tmp_path):
     val_list = tmp_path / "pascalvoc" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
     val_list.write_text(val_list.read_text() + "".join(f"2099_{i:06d}\n" for i in range(7)))
     with pytest.raises(DatasetLayoutError) as err:
-        check_layout("pascalvoc", tmp_path, "val")
+        split_files("pascalvoc", tmp_path, "val")
     message = str(err.value)
     assert "7 of 8 image files are missing" in message and "2099_000000.jpg" in message
     assert "and 2 more" in message and "2099_000006" not in message and str(val_list) in message
@@ -254,7 +254,7 @@ def test_crop_set_with_missing_label(tmp_path):
     crops = write_cropped_dataset("pascalvoc", tmp_path, progress=False)
     (crops / "label" / "train" / "7.png").unlink()
     with pytest.raises(DatasetLayoutError, match="7.png.*\n.*Make the crops with: python crop_dataset.py"):
-        check_layout("pascalvoc", tmp_path, "train")
+        split_files("pascalvoc", tmp_path, "train")
 
 
 def official_rank_order(length, epoch, seed=0, replicas=4, rank=0):
@@ -341,13 +341,13 @@ def test_malformed_potsdam_files_are_named(tmp_path):
         build_dataset("potsdam3", tmp_path, "val", 20)[0]
     (tmp_path / "potsdam" / "labelled_test.txt").unlink()
     with pytest.raises(DatasetLayoutError, match="labelled_test.txt is missing"):
-        check_layout("potsdam3", tmp_path, "val")
+        split_files("potsdam3", tmp_path, "val")
 
 
 def test_check_layout_accepts_good_data(data_dir):
     for name in DATASETS:
         for split in ("train", "val"):
-            check_layout(name, data_dir, split)
+            split_files(name, data_dir, split)
 
 
 def test_every_data_set_names_each_of_its_classes_once():

@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from errors import UserError
-from loader import DATASETS, build_dataset, check_layout, split_files, verify_readable
+from loader import DATASETS, build_dataset, split_files, verify_readable
 from loader.samplers import GlobalBatchSampler, evaluation_loader, share_of, training_loader
 from models import CheckpointError, load_backbone
 from modules.randomness import BatchRandom, mixed_seed
@@ -107,14 +107,14 @@ def run_step(cfg, spec):
     processes = 1 if spec.single_process else process_count(cfg)
     recipe = None if spec.single_process else recipe_for(cfg, processes)
     fingerprints = FingerprintCache(paths.fingerprint_cache)
-    for split in spec.data:
-        check_layout(cfg.dataset, cfg.data_dir, split, curated_7=spec.curated_7 and split == "train")
+    # Listing a split's files checks its layout (DatasetLayoutError naming what is missing) too.
+    data_files = {split: _data_files(cfg, spec, split) for split in spec.data}
     upstream = upstream_inputs(cfg, spec, paths, fingerprints)
     warnings = check_complete(upstream, cfg.accept_partial)
     identity = {
         "settings": spec.settings(cfg, recipe, _resolved_precision(cfg)),
         "backbone": {"arch": cfg.arch, "fingerprint": fingerprints.file(cfg.ckpt)},
-        "data": {split: fingerprints.file_list(_data_files(cfg, spec, split), cfg.data_dir) for split in spec.data},
+        "data": {split: fingerprints.file_list(files, cfg.data_dir) for split, files in data_files.items()},
         "upstream": {name: identity_of(entry) for name, entry in upstream.items()},
     }
     if not _decide_to_run(cfg, spec, paths, identity, fingerprints):

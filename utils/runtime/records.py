@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 from errors import UserError
@@ -86,6 +87,7 @@ class FingerprintCache:
         self.changed = False
 
 
+@lru_cache(maxsize=None)
 def project_version():
     """The git commit of this code (with "+changes" when the tree differs from it), or "unknown"."""
     root = Path(__file__).resolve().parents[2]
