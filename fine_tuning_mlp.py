@@ -1,5 +1,5 @@
-"""CAUSE step 3: fit the cluster probe on the MLP head's features (SPEC §5)."""
-from utils.runtime.cli import main
+"""CAUSE step 3: fit the cluster probe on the MLP head's features (docs/cause.md §5)."""
+from utils.cli.steps import main
 
 if __name__ == "__main__":
     main("fine_tune", "mlp")

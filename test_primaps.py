@@ -1,5 +1,5 @@
-"""PriMaPs-EM: evaluate θ_M and θ_R, with and without CRF (PRIMAPS.md §3)."""
-from utils.runtime.cli import main
+"""PriMaPs-EM: evaluate θ_M and θ_R, with and without CRF (docs/primaps.md §3)."""
+from utils.cli.steps import main
 
 if __name__ == "__main__":
     main("test_primaps")

@@ -1,5 +1,5 @@
-"""PriMaPs-EM: pseudo masks, then class prototypes fitted to them (PRIMAPS.md; --mode cause|backbone)."""
-from utils.runtime.cli import main
+"""PriMaPs-EM: pseudo masks, then class prototypes fitted to them (docs/primaps.md; --mode cause|backbone)."""
+from utils.cli.steps import main
 
 if __name__ == "__main__":
     main("primaps")

@@ -1,4 +1,5 @@
-"""Cropped training sets (SPEC §2): the crops of one image pair (the crop step writes them, training reads them).
+"""Cropped training sets (docs/cause.md §2): the crops of one image pair (the crop step writes them,
+training reads them).
 
 Each full-resolution train image and its class map are cut into fixed crops with
 torchvision's five_crop / ten_crop (size [int(H·r), int(W·r)]; order tl, tr, bl, br,

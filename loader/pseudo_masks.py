@@ -1,10 +1,10 @@
-"""PriMaPs' cached pseudo masks (PRIMAPS.md §1): one 8-bit PNG per training image, read with its item."""
+"""PriMaPs' cached pseudo masks (docs/primaps.md §1): one 8-bit PNG per training image, read with its item."""
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from loader.datasets import DataError
+from loader.layouts import DataError
 
 
 def read_mask(path, resolution):

@@ -1,4 +1,4 @@
-"""A small synthetic data set in the real COCO-Stuff layout (SPEC §2), for the demo and tests.
+"""A small synthetic data set in the real COCO-Stuff layout (docs/cause.md §2), for the demo and tests.
 
 Each image is a Voronoi partition into a few regions; each region shows one of K planted
 classes, painted with that class's own colour and stripe texture (period and orientation)
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from loader.datasets import COCO_LIST, COCO_LIST_7
+from loader.layouts import COCO_LIST, COCO_LIST_7
 
 # Fine ids with distinct cocostuff27 classes (9, 11, 7, 23, 21, 26, 5, 3), all mapped in coco81/171 too.
 PLANTED_FINE_IDS = (0, 2, 16, 105, 124, 147, 43, 61)
@@ -75,7 +75,7 @@ def make_synthetic_cocostuff(data_dir, n_train=48, n_val=16, image_size=96, seed
                 Image.fromarray(image).save(staging / "images" / folder / f"{image_id}.jpg", quality=95)
                 Image.fromarray(label).save(staging / "annotations" / folder / f"{image_id}.png")
             listing = "".join(f"{image_id}\n" for image_id in ids)
-            # The _7 lists: COCO-Stuff-27's val set, and the train list PriMaPs reads (PRIMAPS.md §1).
+            # The _7 lists: COCO-Stuff-27's val set, and the train list PriMaPs reads (docs/primaps.md §1).
             for name in (COCO_LIST, COCO_LIST_7):
                 (staging / "curated" / folder / name).write_text(listing)
         staging.rename(target)

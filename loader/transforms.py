@@ -1,4 +1,4 @@
-"""Resizing of image/label pairs, and ImageNet normalisation both ways (SPEC §2, §6).
+"""Resizing of image/label pairs, and ImageNet normalisation both ways (docs/cause.md §2, §6).
 
 Both the image and its label are resized with nearest-neighbour sampling on PIL images,
 through torchvision's functional ops, so the pixel grid matches the official transforms

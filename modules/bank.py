@@ -1,4 +1,4 @@
-"""The concept bank of SPEC §4: per prototype, the newest `capacity` teacher projections."""
+"""The concept bank of docs/cause.md §4: per prototype, the newest `capacity` teacher projections."""
 import torch
 
 

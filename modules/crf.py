@@ -1,4 +1,4 @@
-"""Dense CRF refinement of the cluster predictions (SPEC §6), with the official settings."""
+"""Dense CRF refinement of the cluster predictions (docs/cause.md §6), with the official settings."""
 import multiprocessing
 from contextlib import nullcontext
 from functools import partial

@@ -1,4 +1,4 @@
-"""The features every prediction reads: head_ema on the frozen backbone's tokens (SPEC §6), or the
+"""The features every prediction reads: head_ema on the frozen backbone's tokens (docs/cause.md §6), or the
 backbone's own tokens (PriMaPs' backbone mode), and their average with the mirrored image's.
 
 Shared by the fine-tune step's validation, the test steps and predict.py, so that all of them

@@ -1,4 +1,4 @@
-"""Token layout helpers and the stochastic grid sampling of SPEC §3.
+"""Token layout helpers and the stochastic grid sampling of docs/cause.md §3.
 
 Backbone tokens come as [B, P, D] in row-major order over the patch grid; the heads
 work on [B, D, h, w] maps.
@@ -42,7 +42,7 @@ def grid_order(random, num_tokens, window=4):
 
 
 def grid_sample_tokens(x, order=None, window=4):
-    """Keep one token per window×window cell of the square token grid (SPEC §3).
+    """Keep one token per window×window cell of the square token grid (docs/cause.md §3).
 
     `order` holds, per (image, cell) in image-major and cell row-major order, the
     row-major position 0..window²-1 inside the cell; it is drawn uniformly when None.

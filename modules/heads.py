@@ -1,4 +1,4 @@
-"""Step-2 segment module (SPEC §4): MLP or transformer head, projections, EMA teacher, linear probe.
+"""Step-2 segment module (docs/cause.md §4): MLP or transformer head, projections, EMA teacher, linear probe.
 
 Every attribute name below is chosen so that the state dict equals the released
 `segment_{mlp,tr}.pth` files (`golden/heads.pt: layout`); renaming any of them breaks

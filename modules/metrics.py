@@ -1,4 +1,4 @@
-"""Unsupervised segmentation metrics (SPEC §6): Hungarian-matched mIoU and pixel accuracy."""
+"""Unsupervised segmentation metrics (docs/cause.md §6): Hungarian-matched mIoU and pixel accuracy."""
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment

@@ -20,6 +20,9 @@ from torch import nn
 
 from modules.crf import crf_inference_job, dense_crf
 
+# The official PriMaPs code loads DINO's hub models: ViT-S with DINO's own 6 attention heads (only DINO
+# ViT-S depends on it). Its pseudo masks, and backbone mode's features, come from that definition.
+MASK_BACKBONE_HEADS = 6
 # Pixel value of "no mask" in pseudo masks and of "no label" in E-step targets. Pseudo masks are
 # cached as 8-bit PNGs, so mask ids must stay below it.
 NO_MASK = 255

@@ -1,4 +1,4 @@
-"""Step-3 cluster probe (SPEC §5, §6): class centroids in the head's R-dim feature space.
+"""Step-3 cluster probe (docs/cause.md §5, §6): class centroids in the head's R-dim feature space.
 
 Saved with the clusterbook as `cluster_{mlp,tr}.pth`; the names `codebook` and
 `cluster_probe` are those of the released files.

@@ -2,13 +2,13 @@
 
 The model takes res×res inputs and gives features on their patch grid. An image of any size
 (a 4000×3000 photo, a 20×20 icon, a 3000×200 strip) is first resized to a *working scale*
-whose shorter side is `short_side` (default res: the test step's geometry, SPEC §2), then
+whose shorter side is `short_side` (default res: the test step's geometry, docs/cause.md §2), then
 covered by res×res windows; the windows' patch-grid features are blended where they overlap
 into one patch-grid map of the whole working image, and that map is upsampled bilinearly to
-the size asked for, as evaluation upsamples its patch-grid features to the label size (SPEC §6).
+the size asked for, as evaluation upsamples its patch-grid features to the label size (docs/cause.md §6).
 
 Contract of `feature_fn`: [b, 3, res, res] -> [b, R, res/patch, res/patch], the features on the
-patch grid (e.g. the mean of head_ema of the window and of its mirror, SPEC §6). Blending on the
+patch grid (e.g. the mean of head_ema of the window and of its mirror, docs/cause.md §6). Blending on the
 patch grid, not on pixels, keeps the accumulator small (R × h/patch × w/patch) and upsamples once,
 as evaluation does, instead of twice. For the grids of neighbouring windows to line up, every
 window starts on a multiple of the patch size: the working size, the stride and res are multiples
@@ -37,7 +37,7 @@ def working_size(height, width, short_side, patch):
 def to_working_scale(image, short_side, patch):
     """Float [3, H, W] -> [3, h, w] at `working_size`: bilinear, antialiased when shrinking.
 
-    The test step resizes with nearest neighbour (SPEC §2), from val images about twice res; a
+    The test step resizes with nearest neighbour (docs/cause.md §2), from val images about twice res; a
     user's photo may shrink ten times, where nearest sampling would alias fine texture.
     """
     return resized(image, working_size(*image.shape[-2:], short_side, patch))

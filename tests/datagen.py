@@ -1,4 +1,4 @@
-"""Tiny data sets in each on-disk layout of SPEC §2, with content the tests can predict.
+"""Tiny data sets in each on-disk layout of docs/cause.md §2, with content the tests can predict.
 
 Images are smooth gradients (red follows the row, green the column), so a crop's position
 can be read back even after JPEG compression. Labels are random per pixel from a pool of
@@ -175,6 +175,6 @@ def write_all_cropped(data_dir, seed=0):
     """write_all, then the cropped training set of every data set that has one; returns data_dir."""
     write_all(data_dir, seed)
     for name, info in DATASETS.items():
-        if info.crop_type is not None:
-            write_cropped_dataset(name, data_dir, progress=False)
+        if info.crops is not None:
+            write_cropped_dataset(name, data_dir)
     return data_dir

@@ -4,8 +4,8 @@ import torch
 from loader.synthetic import make_synthetic_cocostuff
 from models import build_backbone
 from utils.engine.crop import write_cropped_dataset
-from utils.runtime.cli import main
-from utils.runtime.config import option_names
+from utils.cli.steps import main
+from utils.runtime.steps import STEPS, script_options
 from utils.runtime.io import save_torch
 
 STEP_SCRIPTS = {"mediator": (None,), "front_door": ("mlp", "tr"), "fine_tune": ("mlp", "tr"), "test": ("mlp", "tr")}
@@ -15,7 +15,7 @@ def make_tiny_setup(root, n_train=4, n_val=3, image_size=128, seed=1):
     """Synthetic cocostuff data with its crops, and a ViT-Tiny/8 stand-in checkpoint in the DINO layout."""
     data_dir = root / "data"
     make_synthetic_cocostuff(data_dir, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
-    write_cropped_dataset("cocostuff27", data_dir, progress=False)
+    write_cropped_dataset("cocostuff27", data_dir)
     ckpt = root / "checkpoint" / "dino_vit_tiny_8.pth"
     torch.manual_seed(0)
     save_torch(build_backbone("dino_vit_tiny_8").state_dict(), ckpt)
@@ -32,7 +32,7 @@ def step_args(data_dir, ckpt, out, resolution=64, codebook=16, projection=24, ex
 
 def only_for(step, args):
     """The options of `args` that `step` has (as `bash run` routes them), in order."""
-    known = option_names(step)
+    known = set(script_options(STEPS[step]))
     kept, i = [], 0
     while i < len(args):
         name = args[i][2:].split("=")[0]

@@ -13,6 +13,8 @@ from modules.probe import ClusterModule
 from utils.runtime.artifacts import ArtifactError, load_modular, load_state_strict
 from utils.runtime.config import parse_config
 from utils.runtime.paths import ArtifactPaths
+from utils.runtime.steps import STEPS
+from utils.runtime.records import record_path
 
 LAYOUT = load_golden("heads.pt")["layout"]
 
@@ -29,8 +31,8 @@ def test_artifact_paths_follow_the_official_layout():
     assert paths.segment == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/segment_tr.pth")
     assert paths.cluster == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/cluster_tr.pth")
     assert paths.fine_tuned_segment == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/segment_tr_fine_tuned.pth")
-    assert paths.record(paths.segment) == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/segment_tr.json")
-    assert paths.record(paths.modular) == paths.modular.with_name("modular.json")
+    assert record_path(paths.segment) == Path("CAUSE/cocostuff27/dino_vit_base_8/2048/segment_tr.json")
+    assert record_path(paths.modular) == paths.modular.with_name("modular.json")
     assert paths.results == Path("results/cocostuff27/TR/dino_vit_base_8/2048")
     with pytest.raises(ValueError, match="head"):
         _ = ArtifactPaths("cocostuff27", "dino_vit_base_8", 2048).segment
@@ -44,7 +46,7 @@ def test_artifact_paths_follow_the_official_layout():
     ("mediator", None, "checkpoint/dino_vit_small_16.pth", 320, 320, 400),
 ])
 def test_resolutions_and_derived_sizes(step, head, ckpt, train, test, queries):
-    cfg = parse_config(step, head, ["--ckpt", ckpt])
+    cfg = parse_config(STEPS[step], head, ["--ckpt", ckpt])
     assert (cfg.train_resolution, cfg.test_resolution) == (train, test)
     if queries:
         assert cfg.num_queries == queries
@@ -52,16 +54,17 @@ def test_resolutions_and_derived_sizes(step, head, ckpt, train, test, queries):
 
 
 def test_epochs_follow_the_paper():
-    assert parse_config("fine_tune", "tr", []).epochs == 5
-    assert parse_config("fine_tune", "mlp", []).epochs == 1
-    assert parse_config("front_door", "tr", []).epochs == 2
-    assert parse_config("mediator", None, []).epochs == 1
+    assert parse_config(STEPS["fine_tune"], "tr", []).epochs == 5
+    assert parse_config(STEPS["fine_tune"], "mlp", []).epochs == 1
+    assert parse_config(STEPS["front_door"], "tr", []).epochs == 2
+    assert parse_config(STEPS["mediator"], None, []).epochs == 1
 
 
 def test_checkpoint_named_otherwise_needs_arch():
     with pytest.raises(CheckpointError, match="dino_vit_base_8"):
-        parse_config("mediator", None, ["--ckpt", "weights/backbone.pth"])
-    assert parse_config("mediator", None, ["--ckpt", "weights/backbone.pth", "--arch", "ibot_vit_base_16"]).dim == 768
+        parse_config(STEPS["mediator"], None, ["--ckpt", "weights/backbone.pth"])
+    named = parse_config(STEPS["mediator"], None, ["--ckpt", "weights/backbone.pth", "--arch", "ibot_vit_base_16"])
+    assert named.dim == 768
 
 
 @pytest.mark.parametrize("head", ["mlp", "tr"])

@@ -42,7 +42,7 @@ def test_tokens_match_official(arch, tmp_path):
 
 
 def test_registry_matches_spec_table():
-    spec_table = {  # SPEC §1: family, patch, dim, heads, pretrain grid
+    spec_table = {  # docs/cause.md §1: family, patch, dim, heads, pretrain grid
         "dino_vit_small_8": ("dino", 8, 384, 12, 28), "dino_vit_small_16": ("dino", 16, 384, 12, 14),
         "dino_vit_base_8": ("dino", 8, 768, 12, 28), "dino_vit_base_16": ("dino", 16, 768, 12, 14),
         "dinov2_vit_small_14": ("dinov2", 14, 384, 6, 37), "dinov2_vit_base_14": ("dinov2", 14, 768, 12, 37),

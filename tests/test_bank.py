@@ -1,5 +1,5 @@
 """The concept bank against a dict-of-lists reference, and the contrastive loss with a bank
-against an image-by-image loop written after the official definition (SPEC §4)."""
+against an image-by-image loop written after the official definition (docs/cause.md §4)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Loading the five data sets (SPEC §2): layouts, label mapping, transforms, errors and loaders."""
+"""Loading the five data sets (docs/cause.md §2): layouts, label mapping, transforms, errors and loaders."""
 import json
 import re
 
@@ -14,9 +14,11 @@ from torch.utils.data.distributed import DistributedSampler
 from errors import UserError
 from loader import (DATASETS, DataError, DatasetLayoutError, build_dataset, build_source_dataset, class_names,
                     split_files)
-from loader.datasets import _class_name_table, _label_maps, source_lut
+from loader.datasets import _class_name_table
+from loader.layouts import label_maps
 from loader.samplers import GlobalBatchSampler, evaluation_loader, share_of, training_loader
 from utils.engine.crop import write_cropped_dataset
+from utils.runtime.recipe import CAUSE_OPTIMISATION
 
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
@@ -24,7 +26,7 @@ GOLDEN_MAPS = json.loads((GOLDEN / "label_maps.json").read_text())
 COCO_MAP_KEYS = {"cocostuff27": "cocostuff27_fine_to_coarse", "coco81": "coco81_fine_to_class",
                  "coco171": "coco171_fine_to_class"}
 
-# Classes of the planted stored values, read off SPEC §2 and the official maps by hand.
+# Classes of the planted stored values, read off docs/cause.md §2 and the official maps by hand.
 COCO_EXPECTED = {
     "cocostuff27": {11: 8, 95: 20, 200: 0, 255: -1, 181: 24},
     "coco81": {11: 0, 95: 0, 200: 0, 255: -1, 181: 0},  # 11, 200 unmapped -> 0; stuff -> 0
@@ -35,7 +37,7 @@ VOC_EXPECTED = {255: -1, 20: 20, 0: 0, 100: -1}
 
 
 def reference_class(name, stored):
-    """Class of one stored label value, straight from SPEC §2 and the golden maps."""
+    """Class of one stored label value, straight from docs/cause.md §2 and the golden maps."""
     stored = int(stored)
     if name in COCO_MAP_KEYS:
         return -1 if stored == 255 else GOLDEN_MAPS[COCO_MAP_KEYS[name]].get(str(stored), 0)
@@ -80,11 +82,13 @@ def test_label_maps_in_repo_are_the_golden_ones():
 def test_dataset_table():
     assert {name: info.n_classes for name, info in DATASETS.items()} == {
         "cocostuff27": 27, "cityscapes": 27, "pascalvoc": 21, "coco81": 81, "coco171": 171, "potsdam3": 3}
-    assert [name for name, info in DATASETS.items() if info.crop_type is None] == ["potsdam3"]
+    assert [name for name, info in DATASETS.items() if info.crops is None] == ["potsdam3"]
     assert [name for name, info in DATASETS.items() if info.square_resize] == ["pascalvoc"]
-    assert DATASETS["cityscapes"].palette == "cityscapes" and DATASETS["cityscapes"].weight_decay == 0.0
-    assert DATASETS["pascalvoc"].fine_tune_clip is None
-    assert DATASETS["cocostuff27"].fine_tune_clip == {"tr": 2.0, "mlp": 0.1}
+    assert DATASETS["cityscapes"].palette == "cityscapes" and CAUSE_OPTIMISATION["cityscapes"].weight_decay == 0.0
+    assert CAUSE_OPTIMISATION["pascalvoc"].fine_tune_clip is None
+    assert CAUSE_OPTIMISATION["cocostuff27"].fine_tune_clip == {"tr": 2.0, "mlp": 0.1}
+    assert [name for name, optimisation in CAUSE_OPTIMISATION.items() if optimisation.official] == [
+        "cocostuff27", "cityscapes"]
 
 
 @pytest.mark.parametrize("name", ["cocostuff27", "coco81", "coco171"])
@@ -144,10 +148,10 @@ def test_source_dataset_is_full_resolution_and_mapped(data_dir):
 def test_train_reads_crops(data_dir, name, index):
     info = DATASETS[name]
     dataset = build_dataset(name, data_dir, "train", 10)
-    per_image = {"five": 5, "double": 20, "super": 50}[info.crop_type]
+    per_image = {"five": 5, "double": 20, "super": 50}[info.crops.kind]
     assert len(dataset) == len(build_source_dataset(name, data_dir, "train")) * per_image
     item = dataset[index]  # a crop at ratio 0.5 of a landscape image: 20×28 (VOC 20×30)
-    stored = read(data_dir / info.crop_dir / "label" / "train" / f"{index}.png")
+    stored = read(data_dir / info.crops.folder / "label" / "train" / f"{index}.png")
     expected = reference_resize(stored.astype(np.int64), 10, info.square_resize) - 1
     np.testing.assert_array_equal(item["label"].numpy(), expected)
     assert item["label"].min() >= -1 and item["label"].max() < info.n_classes
@@ -156,8 +160,8 @@ def test_train_reads_crops(data_dir, name, index):
 def test_legacy_stego_crop_dir_is_read_when_alone(tmp_path):
     datagen.write_cocostuff(tmp_path)
     info = DATASETS["cocostuff27"]
-    crops = write_cropped_dataset("cocostuff27", tmp_path, progress=False)
-    legacy = tmp_path / info.legacy_crop_dir
+    crops = write_cropped_dataset("cocostuff27", tmp_path)
+    legacy = tmp_path / info.crops.stego_folder
     legacy.parent.mkdir(parents=True)
     crops.rename(legacy)
     split_files("cocostuff27", tmp_path, "train")
@@ -215,7 +219,7 @@ def test_missing_crops_name_the_crop_command(tmp_path):
         with pytest.raises(DatasetLayoutError) as err:
             build_dataset(name, tmp_path, "train", 20)
         assert f"python crop_dataset.py --dataset {name} --data_dir {tmp_path}" in str(err.value)
-        assert DATASETS[name].crop_dir in str(err.value)
+        assert DATASETS[name].crops.folder in str(err.value)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -240,7 +244,7 @@ def test_label_out_of_range_names_file_and_value(tmp_path):
 
 def test_crop_label_out_of_range(tmp_path):
     datagen.write_pascalvoc(tmp_path)
-    crops = write_cropped_dataset("pascalvoc", tmp_path, progress=False)
+    crops = write_cropped_dataset("pascalvoc", tmp_path)
     label = crops / "label" / "train" / "3.png"
     stored = read(label)
     stored[0, 0] = 22  # class 21 of 21
@@ -251,7 +255,7 @@ def test_crop_label_out_of_range(tmp_path):
 
 def test_crop_set_with_missing_label(tmp_path):
     datagen.write_pascalvoc(tmp_path)
-    crops = write_cropped_dataset("pascalvoc", tmp_path, progress=False)
+    crops = write_cropped_dataset("pascalvoc", tmp_path)
     (crops / "label" / "train" / "7.png").unlink()
     with pytest.raises(DatasetLayoutError, match="7.png.*\n.*Make the crops with: python crop_dataset.py"):
         split_files("pascalvoc", tmp_path, "train")
@@ -371,15 +375,15 @@ COCO_SUPERCATEGORY = {
 def test_class_names_follow_the_label_maps_evaluation_uses():
     fine = _class_name_table()["cocostuff_fine"]
     coarse = class_names("cocostuff27")
-    lut = source_lut(DATASETS["cocostuff27"])
+    lut = DATASETS["cocostuff27"].layout.lut()
     assert {name: coarse[lut[fine.index(name)]] for name in COCO_SUPERCATEGORY} == COCO_SUPERCATEGORY
     assert sorted(COCO_SUPERCATEGORY.values()) == sorted(coarse), "every class is checked"
     for dataset in ("coco171", "coco81"):
-        names, lut = class_names(dataset), source_lut(DATASETS[dataset])
+        names, lut = class_names(dataset), DATASETS[dataset].layout.lut()
         things = [i for i in range(182) if lut[i] > 0 or fine[i] == "person"]
         assert all(names[lut[i]] == fine[i] for i in things), dataset
-    stuff = [int(k) for k, v in _label_maps()["coco81_fine_to_class"].items() if v == 0]
+    stuff = [int(k) for k, v in label_maps()["coco81_fine_to_class"].items() if v == 0]
     assert sorted(stuff) == list(range(91, 182)) and class_names("coco81")[0] == "stuff"
     city = class_names("cityscapes")
-    lut = source_lut(DATASETS["cityscapes"])
+    lut = DATASETS["cityscapes"].layout.lut()
     assert (city[lut[7]], city[lut[26]], city[lut[33]]) == ("road", "car", "bicycle")  # Cityscapes labelIds

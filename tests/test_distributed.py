@@ -168,7 +168,7 @@ def test_a_user_error_in_one_of_several_processes_is_one_line(setup, one_and_two
         args, prefix = step_args(data_dir, ckpt, tmp_path, extra=("--nproc", "2", "--port", port)), ()
     else:  # the project's torchrun, which ends a user error as a single process does
         args = step_args(data_dir, ckpt, tmp_path)
-        prefix = ("-m", "utils.runtime.torchrun", "--nproc_per_node", "2", "--master_port", port)
+        prefix = ("-m", "utils.cli.torchrun", "--nproc_per_node", "2", "--master_port", port)
     with_mediator(one_and_two_processes[2], tmp_path)
     # A damaged crop is read only in training (the val set is decoded up front): a user error inside
     # a spawned process, rank 1 (the third item of the first global batch of 4).

@@ -8,7 +8,8 @@ import copy
 
 import torch
 
-from utils.engine.loop import Precision, optimizer_step, resolved_precision
+from utils.engine.optim import Precision, optimizer_step
+from utils.runtime.config import resolved_precision
 from utils.runtime.distributed import BatchGroup
 
 CPU = torch.device("cpu")
@@ -25,7 +26,7 @@ def test_precision_auto_is_fp32_on_cpu_and_the_others_are_honoured():
     expected = {"auto": (torch.float32, False), "fp32": (torch.float32, False), "fp16": (torch.float16, True),
                 "bf16": (torch.bfloat16, False)}
     for name, (dtype, scaled) in expected.items():
-        precision = Precision(name, CPU)
+        precision = Precision(resolved_precision(name, "cpu"), CPU)
         assert precision.scaler.is_enabled() == scaled, name
         with precision.autocast():
             assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == dtype, name

@@ -7,7 +7,7 @@ from modules.heads import SegmentModule
 from modules.probe import ClusterModule
 from modules.randomness import BatchRandom
 from utils.engine.fine_tune import FineTuneTraining, set_trainable
-from utils.engine.loop import Precision
+from utils.engine.optim import Precision
 from utils.runtime.distributed import BatchGroup
 
 

@@ -34,7 +34,7 @@ def test_modularity_matches_official(golden, row_chunk):
 
 
 def dense_modularity(codebook, feat, temp):
-    """SPEC §3 written out literally, with the [B, P, P, K] tensor."""
+    """docs/cause.md §3 written out literally, with the [B, P, P, K] tensor."""
     x = F.normalize(feat, dim=-1)
     a = (x @ x.transpose(1, 2)).clamp_min(0) * (1 - torch.eye(x.shape[1]))
     d = a.sum(2, keepdim=True)

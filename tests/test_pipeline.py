@@ -17,7 +17,7 @@ from modules.heads import SegmentModule
 from modules.metrics import MatchedMetrics
 from modules.probe import ClusterModule
 from utils.runtime.pictures import palette
-from utils.runtime.pipeline import PIPELINE, PipelineError, route, split_head
+from utils.cli.pipeline import PipelineError, chain, known_options, route, split_head
 
 # 64-px crops on a patch-8 backbone: an 8×8 token grid, 2×2 after grid sampling. The front door
 # trains two epochs, every other training step one: per-step options reach only their step.
@@ -33,11 +33,11 @@ def tiny_run(tmp_path_factory):
     return root, data_dir, ckpt
 
 
-def run_chain(root, data_dir, ckpt, head, *extra):
+def run_chain(root, data_dir, ckpt, head, *extra, env=None):
     args = ["bash", str(ROOT / "run"), "--head", head, "--data_dir", str(data_dir), "--ckpt", str(ckpt), *SMALL,
             "--output_root", str(root / "CAUSE"), "--results_root", str(root / "results"),
             "--logs_root", str(root / "logs"), *extra]
-    env = {**os.environ, "PYTHON": sys.executable}
+    env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -110,7 +110,7 @@ def test_an_option_no_step_knows_stops_the_run_before_any_step(tiny_run):
 
 def test_options_reach_only_the_steps_they_are_meant_for():
     routed = route(["--epochs", "3", "--front_door.epochs", "2", "--label_leak", "--dataset=cityscapes",
-                    "--test.batch_size", "8"], PIPELINE)
+                    "--test.batch_size", "8"], known_options(chain()))
     assert routed["crop"] == ["--dataset", "cityscapes"]
     assert routed["mediator"] == ["--epochs", "3", "--dataset", "cityscapes"]
     assert routed["front_door"] == ["--epochs", "3", "--epochs", "2", "--dataset", "cityscapes"]  # the last wins
@@ -128,7 +128,7 @@ def test_options_reach_only_the_steps_they_are_meant_for():
 ])
 def test_options_that_cannot_be_routed_are_refused(tokens, message):
     with pytest.raises(PipelineError, match=message):
-        route(tokens, PIPELINE)
+        route(tokens, known_options(chain()))
 
 
 def test_the_head_is_the_pipelines_own_option():
@@ -170,3 +170,45 @@ def test_run_with_primaps_adds_its_steps_in_cause_mode_and_prints_both_results(t
     both = done.stdout.strip().splitlines()[-2:]
     assert both[0].startswith("CAUSE TR ") and f"mIoU {cause['crf']['mIoU']:.1f}" in both[0], both
     assert both[1].startswith("CAUSE TR + PriMaPs-EM ") and f"mIoU {primaps['crf']['mIoU']:.1f}" in both[1]
+
+
+TOY = '''
+"""A toy step, added as a project built on this one adds one: an engine and one registry entry."""
+import json
+
+from utils.engine.status import write_artifact_records
+from utils.runtime.io import save_text
+from utils.runtime.steps import Step, Upstream, register
+
+
+def work(ctx):
+    made = ctx.paths.head_dir / "toy.txt"
+    save_text(json.dumps({"seed": ctx.cfg.seed, "cluster": ctx.upstream["cluster"]["fingerprint"]}), made)
+    write_artifact_records(ctx, [made])
+    print(f"[toy] made {made}")
+
+
+register(Step(
+    "toy", "toy_steps", None, ("dataset", "data_dir", "ckpt", "arch", "output_root", "num_codebook", "seed"),
+    lambda paths: [paths.head_dir / "toy.txt"], lambda cfg, paths: {"cluster": Upstream(paths.cluster, "fine_tune")},
+    head="script", pipeline="cause", description="a toy step after the test step"))
+'''
+
+
+def test_a_step_added_through_the_registry_alone_runs_in_bash_run(tiny_run, tmp_path):
+    root, data_dir, ckpt = tiny_run
+    (tmp_path / "toy_steps.py").write_text(TOY)
+    env = {"CAUSE_EXTRA_STEPS": "toy_steps", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    listed = subprocess.run(["bash", str(ROOT / "run"), "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable, **env}, timeout=120)
+    assert "toy]" in next(line for line in listed.stdout.splitlines() if line.strip().startswith("--seed"))
+    done = run_chain(root, data_dir, ckpt, "tr", "--toy.seed", "5", env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("skipping") == 5, "the chain's own steps are up to date"
+    assert "+ python -m utils.cli.steps toy --head tr" in done.stdout and "--seed 5" in done.stdout
+    made = root / "CAUSE/cocostuff27/dino_vit_tiny_8/16/toy.txt"
+    record = json.loads(made.with_suffix(".json").read_text())
+    assert json.loads(made.read_text())["seed"] == 5 and record["identity"]["settings"]["seed"] == 5
+    assert record["upstream"]["cluster"]["produced_by"] == "fine_tuning_tr.py"
+    again = run_chain(root, data_dir, ckpt, "tr", "--toy.seed", "5", env=env)
+    assert again.returncode == 0 and again.stdout.count("skipping") == 6, "the toy step is up to date too"

@@ -18,8 +18,9 @@ from utils.engine import predict as predict_module
 from utils.engine.predict import build_predict_parser, parse_options
 from utils.engine.predict import main as predict_main
 from utils.engine.predictors import CausePredictor
-from utils.runtime import pipeline
-from utils.runtime.config import PREDICT, option_names, parse_config
+from utils.cli import pipeline
+from utils.runtime.config import parse_config
+from utils.runtime.steps import PREDICT, STEPS
 from utils.runtime.pictures import colorize, palette
 
 RESOLUTION = 64
@@ -278,9 +279,9 @@ def test_a_demo_run_ends_by_segmenting_demo_images_with_the_model_it_tested(tmp_
     assert [command[0] for command in commands] == [
         "crop_dataset.py", "train_mediator.py", "train_front_door_mlp.py", "fine_tuning_mlp.py", "test_mlp.py",
         "predict.py"]
-    tested = parse_config("test", "mlp", commands[-2][1:])
+    tested = parse_config(STEPS["test"], "mlp", commands[-2][1:])
     cfg, options = parse_options(commands[-1][1:])
-    for name in option_names(PREDICT) & option_names("test"):
+    for name in set(PREDICT) & set(STEPS["test"].options):
         assert getattr(cfg, name) == getattr(tested, name), name
     assert cfg.head == "mlp" and options.crf and options.output == tmp_path / "demo" / "predictions_mlp"
     assert len(options.inputs) == 3 and all(Path(path).is_file() for path in options.inputs)

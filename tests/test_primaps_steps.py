@@ -19,8 +19,8 @@ import utils.engine.primaps as primaps_engine
 import utils.engine.primaps_masks as masks_engine
 from modules.primaps import NO_MASK, class_probabilities, focal_loss
 from modules.views import FLIP, VIEW_DRAWS, flip_rows, student_view
-from utils.engine.loop import ResumeState
-from utils.runtime.cli import main
+from utils.engine.resume import ResumeState
+from utils.cli.steps import main
 
 MASKS = "primaps_masks/dino_vit_tiny_8_64px_threshold0.4_seed0"
 BACKBONE_DIR = "CAUSE/{dataset}/primaps/dino_vit_tiny_8"

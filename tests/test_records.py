@@ -71,7 +71,7 @@ def test_new_crops_rerun_the_training_steps_but_not_the_test_step_inputs_it_does
         p.name for p in (data_dir / "cocostuff/images/val2017").iterdir())[0]).read_bytes())
     label = data_dir / "cocostuff/annotations/train2017" / victim.with_suffix(".png").name
     shutil.copy(sorted((data_dir / "cocostuff/annotations/val2017").iterdir())[0], label)
-    write_cropped_dataset("cocostuff27", data_dir, progress=False)
+    write_cropped_dataset("cocostuff27", data_dir)
     printed = run_chain(args, capsys)
     assert "data.train.fingerprint" in printed["mediator"]
     # The test step reads the val set only, but its upstream artifacts changed.

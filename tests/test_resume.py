@@ -13,7 +13,7 @@ from steps import make_tiny_setup, run_step, step_args
 
 import utils.engine.front_door
 from utils.engine.crop import write_cropped_dataset
-from utils.engine.loop import ResumeState
+from utils.engine.resume import ResumeState
 
 HEAD_DIR = "CAUSE/cocostuff27/dino_vit_tiny_8/16"
 
@@ -172,7 +172,7 @@ def test_bad_input_stops_before_any_work_with_a_clear_message(setup, tmp_path, c
         # a Cityscapes labelId above 33 does not.
         data_dir, step, head = tmp_path / "cityscapes_data", "front_door", "tr"
         write_cityscapes(data_dir)
-        write_cropped_dataset("cityscapes", data_dir, progress=False)
+        write_cropped_dataset("cityscapes", data_dir)
         victim = sorted((data_dir / "cityscapes/gtFine/val").rglob("*_labelIds.png"))[-1]
         label = np.array(Image.open(victim))
         label[0, 0] = 40

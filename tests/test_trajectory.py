@@ -1,4 +1,4 @@
-"""The training loops follow the official ones step for step (issue 16; tests/golden/trajectory.pt).
+"""The training loops follow the official ones step for step (tests/golden/trajectory.pt).
 
 Each test builds the step's real Training object (utils/engine/front_door.py, mediator.py,
 fine_tune.py) as its `train` does, from the golden file's rule-made weights, and drives it as the
@@ -23,7 +23,7 @@ import io
 import pytest
 import torch
 
-from loader.datasets import DATASETS
+from loader import DATASETS
 from loader.samplers import BatchShare
 from modules.bank import ConceptBank
 from modules.heads import build_segment
@@ -35,13 +35,15 @@ from trajectory import (CASES, CLUSTER_PREFIX, assert_no_difference, bank_summar
                         project_grads, project_state, record_forward_calls, rule_weights, stand_in_backbone)
 from utils.engine.fine_tune import FineTuneTraining, set_trainable
 from utils.engine.front_door import FrontDoorTraining
-from utils.engine.loop import Precision
 from utils.engine.mediator import MediatorTraining
+from utils.engine.optim import Precision
 from utils.runtime.distributed import BatchGroup
+from utils.runtime.recipe import CAUSE_OPTIMISATION
 
 DIM, REDUCED_DIM, PROJECTION_DIM, NUM_CODEBOOK, PATCH = 384, 90, 2048, 2048, 16
 CPU = torch.device("cpu")
-INFO = DATASETS["cocostuff27"]  # the golden's data set: its clipping and weight decay are the official ones
+OPTIMISATION = CAUSE_OPTIMISATION["cocostuff27"]  # the golden's data set: its clipping and weight decay are official
+N_CLASSES = DATASETS["cocostuff27"].n_classes
 LR = 1e-3  # one process: the paper recipe's lr
 SEED = 0  # nothing is drawn with dropout and the random cut off; the seed only follows fit's form
 
@@ -105,14 +107,14 @@ class FrontDoor:
     def __init__(self, case, head, backbone):
         self.weights = rule_weights(case)
         self.codebook = self.weights[CLUSTER_PREFIX + "codebook"]
-        self.segment = build_segment(head, DIM, REDUCED_DIM, PROJECTION_DIM, INFO.n_classes, num_queries(case),
+        self.segment = build_segment(head, DIM, REDUCED_DIM, PROJECTION_DIM, N_CLASSES, num_queries(case),
                                      self.codebook, CPU)
         load_rule_weights(self.weights, self.segment)
         self.bank = ConceptBank(NUM_CODEBOOK, PROJECTION_DIM, device=CPU, compact=True)
-        optimizer = torch.optim.Adam(self.segment.student_parameters(), lr=LR, weight_decay=INFO.weight_decay)
+        optimizer = torch.optim.Adam(self.segment.student_parameters(), lr=LR, weight_decay=OPTIMISATION.weight_decay)
         self.training = FrontDoorTraining(backbone, self.segment, self.codebook, self.bank, optimizer,
-                                          INFO.front_door_clip[head], Precision("fp32", CPU), BatchGroup(False),
-                                          INFO.n_classes, grid=False)
+                                          OPTIMISATION.front_door_clip[head], Precision("fp32", CPU), BatchGroup(False),
+                                          N_CLASSES, grid=False)
         self.optimizers = [optimizer]
 
     def state(self):
@@ -183,18 +185,18 @@ class FineTune:
     def __init__(self, case, head, backbone):
         self.weights = rule_weights(case)
         codebook = self.weights[CLUSTER_PREFIX + "codebook"]
-        self.segment = build_segment(head, DIM, REDUCED_DIM, PROJECTION_DIM, INFO.n_classes, num_queries(case),
+        self.segment = build_segment(head, DIM, REDUCED_DIM, PROJECTION_DIM, N_CLASSES, num_queries(case),
                                      codebook, CPU)
-        self.cluster = ClusterModule(NUM_CODEBOOK, DIM, REDUCED_DIM, INFO.n_classes)
+        self.cluster = ClusterModule(NUM_CODEBOOK, DIM, REDUCED_DIM, N_CLASSES)
         load_rule_weights(self.weights, self.segment, self.cluster)
         self.codebook = self.cluster.codebook
         segment_trained = set_trainable(self.segment, label_leak=True)
-        self.optimizers = [torch.optim.Adam(segment_trained, lr=LR, weight_decay=INFO.weight_decay),
+        self.optimizers = [torch.optim.Adam(segment_trained, lr=LR, weight_decay=OPTIMISATION.weight_decay),
                            torch.optim.Adam([self.cluster.cluster_probe], lr=LR)]
         schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in self.optimizers]
         self.training = FineTuneTraining(backbone, self.segment, self.cluster, segment_trained, self.optimizers,
-                                         schedulers, INFO.fine_tune_clip[head], Precision("fp32", CPU),
-                                         BatchGroup(False), INFO.n_classes, grid=False)
+                                         schedulers, OPTIMISATION.fine_tune_clip[head], Precision("fp32", CPU),
+                                         BatchGroup(False), N_CLASSES, grid=False)
 
     def state(self):
         return project_state(self.segment, self.cluster)

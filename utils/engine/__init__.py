@@ -1,23 +1,16 @@
-"""One engine per step, and the loop the training steps share (loop.py).
+"""One engine per step, over the machinery they share.
 
-    crop        crop.py         the cropped training sets (SPEC §2)
-    mediator    mediator.py     the concept clusterbook (SPEC §3)
-    front_door  front_door.py   the segmentation head (SPEC §4)
-    fine_tune   fine_tune.py    the cluster probe (SPEC §5)
-    test        evaluate.py     prediction, CRF, metrics (SPEC §6)
-    primaps     primaps.py      PriMaPs-EM's prototypes (PRIMAPS.md §1-§2; pseudo masks: primaps_masks.py)
-    test_primaps  evaluate_primaps.py  PriMaPs-EM's evaluation (PRIMAPS.md §3)
+    crop.py, mediator.py, front_door.py, fine_tune.py, evaluate.py        CAUSE (docs/cause.md)
+    primaps_init.py, primaps.py (pseudo masks: primaps_masks.py), evaluate_primaps.py   PriMaPs-EM
+    predict.py (predictors.py: the models it segments with)               a user's own images
 
-predict.py (a user's own images, not a pipeline step) has its engine in predict.py, and the models
-it segments with in predictors.py.
+Each step's engine has `work(ctx)` (and an evaluation `show_result(cfg, paths)`); its entry in the
+registry (utils/runtime/steps.py) names it. What they share, by job:
 
-Each step's module has `run(cfg)`; `engine(step)` imports only the one asked for, so `--help` stays fast.
+    runner.py   run_step: inputs, the lock, "already done", launch in every process
+    status.py   a step's identity, the "already done" decision, the records beside its artifacts
+    loop.py     the training loop (fit) and the Training objects it drives
+    resume.py   resume states of unfinished training steps
+    optim.py    precision and the optimiser step
+    trained.py  trained models loaded from explicit files (CAUSE's modules, PriMaPs-EM's)
 """
-import importlib
-
-MODULES = {"crop": "crop", "mediator": "mediator", "front_door": "front_door", "fine_tune": "fine_tune",
-           "test": "evaluate", "primaps": "primaps", "test_primaps": "evaluate_primaps"}
-
-
-def engine(step):
-    return importlib.import_module(f"utils.engine.{MODULES[step]}")

@@ -1,4 +1,4 @@
-"""Step 4 — evaluation: nearest-centroid prediction, dense CRF, Hungarian-matched mIoU (SPEC §6).
+"""Step 4 — evaluation: nearest-centroid prediction, dense CRF, Hungarian-matched mIoU (docs/cause.md §6).
 
 One process (the first GPU of --gpu, else the first visible one, else the CPU), as the official
 test scripts: the CRF runs on CPU workers anyway. metrics.json holds the figures, the record of
@@ -8,18 +8,19 @@ import json
 
 import torch
 
+from loader import DATASETS
 from modules.crf import crf_pool, dense_crf_batch
 from modules.features import head_features, upsample
 from modules.grid import map_to_tokens
-from modules.heads import build_segment
 from modules.losses import probe_cross_entropy
 from modules.metrics import MatchedMetrics
-from modules.probe import ClusterModule, crf_log_probs
-from utils.engine.loop import Precision, StepSpec, Upstream, make_backbone, progress, run_step, validation_loader
-from utils.runtime.artifacts import load_modular, load_state_strict
+from modules.probe import crf_log_probs
+from utils.engine.loop import progress, validation_loader
+from utils.engine.optim import Precision
+from utils.engine.status import step_record
+from utils.engine.trained import cause_modules
 from utils.runtime.io import save_text
 from utils.runtime.pictures import colorize, prediction_pictures, save_pictures
-from utils.runtime.records import now, project_version, read_record
 
 # The figure the paper's tables report, and the others metrics.json holds beside it.
 VARIANTS = {
@@ -27,25 +28,6 @@ VARIANTS = {
     "no_crf": "without the CRF, the same features",
     "no_crf_no_flip": "without the CRF and without flip averaging: the official test script's no-CRF figure",
 }
-
-
-def segment_file(cfg, paths):
-    """The segment module the cluster probe was fitted with: fine-tuning's own file when the probe
-    was trained here, the front door's (the released layout) for a released cluster file."""
-    return paths.fine_tuned_segment if read_record(paths.cluster) is not None else paths.segment
-
-
-def load_trained_modules(ctx, segment_path):
-    """Backbone, segment module and cluster probe of a finished run (or released files), loaded strictly."""
-    cfg = ctx.cfg
-    backbone = make_backbone(ctx)
-    codebook = load_modular(ctx.paths.modular, cfg.num_codebook, cfg.dim)
-    segment = build_segment(cfg.head, cfg.dim, cfg.reduced_dim, cfg.projection_dim, cfg.n_classes, cfg.num_queries,
-                            codebook, ctx.device)
-    load_state_strict(segment, segment_path, "segment module", f"train_front_door_{cfg.head}.py")
-    cluster = ClusterModule(cfg.num_codebook, cfg.dim, cfg.reduced_dim, cfg.n_classes).to(ctx.device)
-    load_state_strict(cluster, ctx.paths.cluster, "cluster probe", f"fine_tuning_{cfg.head}.py")
-    return backbone, segment, cluster
 
 
 def summary(result):
@@ -68,7 +50,7 @@ def score(ctx, pool, loader, predict, variants, pictures_dir, desc):
     cfg = ctx.cfg
     metrics = {name: MatchedMetrics(cfg.n_classes, ctx.device) for name in variants}
     probe = torch.zeros(2, device=ctx.device)
-    palette = ctx.dataset_info.palette
+    palette = DATASETS[cfg.dataset].palette
     wanted_pictures = len(loader.dataset) if cfg.num_pictures < 0 else cfg.num_pictures
     # The matched pictures need the final Hungarian matching, so only their CRF maps are kept,
     # as bytes; every other picture is written as soon as it is predicted.
@@ -96,15 +78,15 @@ def score(ctx, pool, loader, predict, variants, pictures_dir, desc):
 def save_report(ctx, path, results, probe, variants, **description):
     """Write and return a test step's metrics.json: `description`, each variant's figures, the
     Hungarian matching of the headline ("crf": the class each cluster stands for, which predict.py
-    uses), the linear probe's accuracy, and how it was made (a metrics.json is its own record)."""
+    uses), the linear probe's accuracy, and how it was made: a metrics.json is its own record, and
+    holds the records of the artifacts it was computed from."""
     report = {
         **description,
         **{name: summary(result) for name, result in results.items()},
         "variants": variants,
         "cluster_to_class": results["crf"]["assignment"].tolist(),
         "linear_probe_pixel_accuracy_uses_labels": probe,
-        "complete": True, "identity": ctx.identity, "upstream": ctx.upstream, "accepted_partial": ctx.warnings,
-        "version": project_version(), "written": now(), "run_id": ctx.run_id,
+        **step_record(ctx, None), "upstream": ctx.upstream,
     }
     save_text(json.dumps(report, indent=2, default=str), path)
     return report
@@ -118,11 +100,11 @@ def print_released(label, report):
 
 
 @torch.no_grad()
-def evaluate(ctx):
+def work(ctx):
     cfg = ctx.cfg
     with crf_pool(cfg.crf_workers) as pool:  # before the models reach a GPU (modules/crf.py)
         torch.manual_seed(0)
-        backbone, segment, cluster = load_trained_modules(ctx, ctx.upstream["segment"]["file"])
+        backbone, segment, cluster = cause_modules(cfg, ctx.upstream, ctx.device)
         precision = Precision(cfg.precision, ctx.device)
 
         def predict(images, labels):
@@ -151,34 +133,8 @@ def print_report(cfg, paths, report):
     print(final_line(report))
 
 
-def show_existing(cfg, paths):
+def show_result(cfg, paths):
     """An up-to-date test step still ends with its result's numbers."""
     report = json.loads(paths.metrics.read_text())
     print_report(cfg, paths, report)
     return report
-
-
-def _settings(cfg, recipe, precision):
-    return {"dataset": cfg.dataset, "arch": cfg.arch, "dino_small_heads": cfg.dino_small_heads,
-            "num_codebook": cfg.num_codebook, "head": cfg.head, "reduced_dim": cfg.reduced_dim,
-            "projection_dim": cfg.projection_dim, "train_resolution": cfg.train_resolution,
-            "test_resolution": cfg.test_resolution, "precision": precision, "num_pictures": cfg.num_pictures}
-
-
-SPEC = StepSpec(
-    outputs=lambda paths: [paths.metrics],
-    upstream=lambda cfg, paths: {
-        "modular": Upstream(paths.modular, "train_mediator.py"),
-        "segment": Upstream(segment_file(cfg, paths), f"fine_tuning_{cfg.head}.py" if read_record(paths.cluster)
-                            else f"train_front_door_{cfg.head}.py"),
-        "cluster": Upstream(paths.cluster, f"fine_tuning_{cfg.head}.py")},
-    data=("val",),
-    settings=_settings,
-    worker=evaluate,
-    single_process=True,
-    on_skip=show_existing,
-)
-
-
-def run(cfg):
-    return run_step(cfg, SPEC)

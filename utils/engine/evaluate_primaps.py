@@ -1,4 +1,4 @@
-"""PriMaPs-EM's test step (PRIMAPS.md §3): θ_M (the headline, as PriMaPs reports it), θ_R and the
+"""PriMaPs-EM's test step (docs/primaps.md §3): θ_M (the headline, as PriMaPs reports it), θ_R and the
 prototypes they started from, each without and with the dense CRF, scored as the CAUSE test step
 scores (evaluate.score: Hungarian-matched mIoU, pixel accuracy, per-class IoU, pictures).
 
@@ -14,11 +14,10 @@ import torch
 from modules.crf import crf_pool
 from modules.features import flip_averaged, upsample
 from modules.losses import probe_cross_entropy
-from modules.primaps import PriMaPsModel
 from utils.engine import evaluate
-from utils.engine.loop import Precision, StepSpec, Upstream, run_step, validation_loader
-from utils.engine.primaps import MOMENTUM_MAX_DECAY, feature_dim, load_features
-from utils.runtime.artifacts import load_state_strict
+from utils.engine.loop import validation_loader
+from utils.engine.optim import Precision
+from utils.engine.trained import primaps_features, primaps_model
 
 # The headline's variants keep the CAUSE test step's names, so both metrics.json read alike.
 VARIANTS = {
@@ -37,18 +36,13 @@ def _label(cfg):
     return f"[test primaps {cfg.head.upper() if cfg.head else 'backbone'}]"
 
 
-def trained_by(cfg):
-    return f"train_primaps.py --mode {cfg.mode}" + (f" --head {cfg.head}" if cfg.head else "")
-
-
 @torch.no_grad()
-def evaluate_primaps(ctx):
+def work(ctx):
     cfg = ctx.cfg
     with crf_pool(cfg.crf_workers) as pool:  # before the models reach a GPU (modules/crf.py)
         torch.manual_seed(0)
-        features, _ = load_features(ctx, Precision(cfg.precision, ctx.device))
-        model = PriMaPsModel(feature_dim(cfg), cfg.n_classes, MOMENTUM_MAX_DECAY).to(ctx.device)
-        load_state_strict(model, ctx.paths.primaps, "PriMaPs model", trained_by(cfg))
+        features, _ = primaps_features(cfg, ctx.upstream, ctx.device, Precision(cfg.precision, ctx.device))
+        model = primaps_model(cfg, ctx.upstream, ctx.device)
 
         def predict(images, labels):
             _, averaged = flip_averaged(features, images)
@@ -79,39 +73,8 @@ def print_report(cfg, paths, report):
     print(evaluate.final_line(report))
 
 
-def show_existing(cfg, paths):
+def show_result(cfg, paths):
     """An up-to-date test step still ends with its result's numbers."""
     report = json.loads(paths.primaps_metrics.read_text())
     print_report(cfg, paths, report)
     return report
-
-
-def _settings(cfg, recipe, precision):
-    settings = {"dataset": cfg.dataset, "arch": cfg.arch, "mode": cfg.mode, "test_resolution": cfg.test_resolution,
-                "precision": precision, "num_pictures": cfg.num_pictures}
-    if cfg.mode == "cause":
-        settings.update(head=cfg.head, dino_small_heads=cfg.dino_small_heads, num_codebook=cfg.num_codebook,
-                        reduced_dim=cfg.reduced_dim, projection_dim=cfg.projection_dim,
-                        train_resolution=cfg.train_resolution)
-    return settings
-
-
-def _upstream(cfg, paths):
-    """The PriMaPs model, and in cause mode the CAUSE artifacts its features come from."""
-    cause = evaluate.SPEC.upstream(cfg, paths) if cfg.mode == "cause" else {}
-    return {**cause, "primaps": Upstream(paths.primaps, trained_by(cfg))}
-
-
-SPEC = StepSpec(
-    outputs=lambda paths: [paths.primaps_metrics],
-    upstream=_upstream,
-    data=("val",),
-    settings=_settings,
-    worker=evaluate_primaps,
-    single_process=True,
-    on_skip=show_existing,
-)
-
-
-def run(cfg):
-    return run_step(cfg, SPEC)

@@ -1,4 +1,4 @@
-"""Step 3 — fine-tuning: fit the cluster probe on the head's features by modularity (SPEC §5).
+"""Step 3 — fine-tuning: fit the cluster probe on the head's features by modularity (docs/cause.md §5).
 
 Leak-free by default: the official code reloads the segment module without freezing
 `head_ema`, so the labelled probe's cross-entropy trains the very features the
@@ -17,11 +17,13 @@ from modules.heads import build_segment
 from modules.losses import modularity_per_image, probe_cross_entropy
 from modules.metrics import MatchedMetrics
 from modules.probe import ClusterModule
-from utils.engine.loop import (Precision, StepSpec, Upstream, backbone_tokens, fit, make_backbone, optimizer_step,
-                               progress, run_step, training_settings, validation_loader, write_artifact_records)
+from utils.engine.loop import Training, backbone_tokens, fit, make_backbone, progress, validation_loader
+from utils.engine.optim import Precision, optimizer_step
+from utils.engine.status import write_artifact_records
 from utils.runtime.artifacts import load_modular, load_state_strict
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
 from utils.runtime.io import save_torch
+from utils.runtime.recipe import CAUSE_OPTIMISATION
 
 
 def set_trainable(segment, label_leak):
@@ -31,12 +33,13 @@ def set_trainable(segment, label_leak):
     return [p for p in segment.parameters() if p.requires_grad]
 
 
-class FineTuneTraining:
+class FineTuneTraining(Training):
     """One optimiser step of fine-tuning: the cluster probe's modularity on head_ema's features (with
     dropout, as the official code), plus the labelled linear probe's cross-entropy."""
 
     def __init__(self, backbone, segment, cluster, segment_trained, optimizers, schedulers, clip_norm, precision,
                  group, n_classes, grid, validation=None):
+        super().__init__()
         self.backbone, self.segment, self.cluster = backbone, segment, cluster
         self.segment_trained = segment_trained
         self.trained = segment_trained + [cluster.cluster_probe]
@@ -63,30 +66,13 @@ class FineTuneTraining:
     def update(self, losses, random):
         total_norm = optimizer_step(losses["loss"], self.optimizers, self.precision, self.group, self.trained,
                                     self.clip)
+        self.steps_done += 1
         return {"grad_norm_before_clip": total_norm}
 
-    def end_epoch(self):
-        for scheduler in self.schedulers:
-            scheduler.step()
-
-    def validate(self, epoch):
-        return self.validation(epoch) if self.validation else {}
-
-    def state_dict(self):
-        return {"segment": self.segment.state_dict(), "cluster": self.cluster.state_dict(),
-                "optimizers": [o.state_dict() for o in self.optimizers],
-                "schedulers": [s.state_dict() for s in self.schedulers], "scaler": self.precision.scaler.state_dict()}
-
-    def load_state_dict(self, state):
-        self.segment.load_state_dict(state["segment"])
-        self.cluster.load_state_dict(state["cluster"])
-        for holder, saved in zip(self.optimizers + self.schedulers, state["optimizers"] + state["schedulers"],
-                                 strict=True):
-            holder.load_state_dict(saved)
-        self.precision.scaler.load_state_dict(state["scaler"])
-
-    def process_state(self):
-        return None
+    def parts(self):
+        return {"segment": self.segment, "cluster": self.cluster, "scaler": self.precision.scaler,
+                **{f"optimizer{i}": o for i, o in enumerate(self.optimizers)},
+                **{f"scheduler{i}": s for i, s in enumerate(self.schedulers)}}
 
 
 @torch.no_grad()
@@ -100,23 +86,24 @@ def cluster_miou(ctx, backbone, segment, cluster, loader, precision):
     return {"cluster_mIoU_no_crf": metrics.compute()["mIoU"]}
 
 
-def train(ctx):
+def work(ctx):
     cfg = ctx.cfg
     torch.manual_seed(cfg.seed)
     if cfg.label_leak and ctx.dist.is_main:
         print("[fine-tune] --label_leak: head_ema learns from the labelled probe's loss, as in the official code. "
               "Predictions then use ground-truth labels: only for comparing with the paper's numbers.")
-    backbone = make_backbone(ctx)
-    codebook = load_modular(ctx.paths.modular, cfg.num_codebook, cfg.dim)
+    backbone = make_backbone(cfg, ctx.device)
+    codebook = load_modular(ctx.upstream["modular"]["file"], cfg.num_codebook, cfg.dim)
     segment = build_segment(cfg.head, cfg.dim, cfg.reduced_dim, cfg.projection_dim, cfg.n_classes, cfg.num_queries,
                             codebook, ctx.device)
-    load_state_strict(segment, ctx.paths.segment, "segment module", f"train_front_door_{cfg.head}.py")
+    load_state_strict(segment, ctx.upstream["segment"]["file"], "segment module",
+                      ctx.upstream["segment"]["produced_by"])
     cluster = ClusterModule(cfg.num_codebook, cfg.dim, cfg.reduced_dim, cfg.n_classes).to(ctx.device)
     cluster.codebook.copy_(codebook)
     broadcast_parameters(cluster)
     segment_trained = set_trainable(segment, cfg.label_leak)
-    info = ctx.dataset_info
-    segment_optimizer = torch.optim.Adam(segment_trained, lr=ctx.recipe.lr, weight_decay=info.weight_decay)
+    optimisation = CAUSE_OPTIMISATION[cfg.dataset]
+    segment_optimizer = torch.optim.Adam(segment_trained, lr=ctx.recipe.lr, weight_decay=optimisation.weight_decay)
     cluster_optimizer = torch.optim.Adam([cluster.cluster_probe], lr=ctx.recipe.lr)
     optimizers = [segment_optimizer, cluster_optimizer]  # the official order: the segment's steps first
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in optimizers]
@@ -124,7 +111,7 @@ def train(ctx):
     validation = validation_loader(ctx, cfg.test_resolution)
     training = FineTuneTraining(
         backbone, segment, cluster, segment_trained, optimizers, schedulers,
-        info.fine_tune_clip[cfg.head] if info.fine_tune_clip else None, precision,
+        optimisation.fine_tune_clip[cfg.head] if optimisation.fine_tune_clip else None, precision,
         BatchGroup(ctx.recipe.shared_batch), cfg.n_classes, cfg.grid,
         validation=lambda epoch: cluster_miou(ctx, backbone, segment, cluster, validation, precision))
 
@@ -135,19 +122,3 @@ def train(ctx):
 
     fit(ctx, training, cfg.train_resolution, save)
     return str(ctx.paths.cluster)
-
-
-SPEC = StepSpec(
-    outputs=lambda paths: [paths.cluster, paths.fine_tuned_segment],
-    upstream=lambda cfg, paths: {"modular": Upstream(paths.modular, "train_mediator.py"),
-                                 "segment": Upstream(paths.segment, f"train_front_door_{cfg.head}.py")},
-    data=("train", "val"),
-    settings=lambda cfg, recipe, precision: training_settings(
-        cfg, recipe, precision, head=cfg.head, reduced_dim=cfg.reduced_dim, projection_dim=cfg.projection_dim,
-        label_leak=cfg.label_leak),
-    worker=train,
-)
-
-
-def run(cfg):
-    return run_step(cfg, SPEC)

@@ -1,4 +1,4 @@
-"""Step 2 — the front door: train the segmentation head with the concept-wise contrastive loss (SPEC §4).
+"""Step 2 — the front door: train the segmentation head with the concept-wise contrastive loss (docs/cause.md §4).
 
 MLP and TR differ only in where grid sampling happens (`student_teacher_tokens`): the TR
 head attends over the whole token grid, so it runs on all tokens and its outputs are
@@ -11,11 +11,13 @@ from modules.grid import grid_order, grid_sample_tokens
 from modules.heads import build_segment
 from modules.losses import contrastive_terms, probe_cross_entropy
 from modules.quantize import quantize_index
-from utils.engine.loop import (Precision, StepSpec, Upstream, backbone_tokens, fit, make_backbone, optimizer_step,
-                               progress, run_step, training_settings, validation_loader, write_artifact_records)
+from utils.engine.loop import Training, backbone_tokens, fit, make_backbone, progress, validation_loader
+from utils.engine.optim import Precision, optimizer_step
+from utils.engine.status import write_artifact_records
 from utils.runtime.artifacts import load_modular
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
 from utils.runtime.io import save_torch
+from utils.runtime.recipe import CAUSE_OPTIMISATION
 
 
 def student_teacher_tokens(segment, tokens, grid, random):
@@ -39,19 +41,19 @@ def student_teacher_tokens(segment, tokens, grid, random):
     return tokens, student_proj, teacher_proj, probe_features
 
 
-class FrontDoorTraining:
+class FrontDoorTraining(Training):
     """One optimiser step of the front door: contrastive loss against the batch and the concept bank,
     plus the labelled linear probe on the teacher's features; then EMA and bank updates."""
 
     def __init__(self, backbone, segment, codebook, bank, optimizer, clip_norm, precision, group, n_classes, grid,
                  validation=None):
+        super().__init__()
         self.backbone, self.segment, self.codebook, self.bank = backbone, segment, codebook, bank
         self.optimizer, self.clip_norm = optimizer, clip_norm
         self.precision, self.group = precision, group
         self.n_classes, self.grid = n_classes, grid
         self.trained = list(segment.student_parameters())  # the EMA teacher never receives gradients
         self.validation = validation
-        self.steps_done = 0
         self._bank_input = None
 
     def losses(self, batch, random):
@@ -85,21 +87,8 @@ class FrontDoorTraining:
         self.steps_done += 1
         return {"grad_norm_before_clip": total_norm}
 
-    def end_epoch(self):
-        pass
-
-    def validate(self, epoch):
-        return self.validation(epoch) if self.validation else {}
-
-    def state_dict(self):
-        return {"segment": self.segment.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.precision.scaler.state_dict(), "steps_done": self.steps_done}
-
-    def load_state_dict(self, state):
-        self.segment.load_state_dict(state["segment"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.precision.scaler.load_state_dict(state["scaler"])
-        self.steps_done = state["steps_done"]
+    def parts(self):
+        return {"segment": self.segment, "optimizer": self.optimizer, "scaler": self.precision.scaler}
 
     def process_state(self):
         return self.bank.state_dict()
@@ -121,21 +110,22 @@ def probe_accuracy(ctx, backbone, segment, loader, precision, epoch):
     return {"probe_accuracy_uses_labels": 100 * (totals[0] / totals[1].clamp(min=1)).item()}
 
 
-def train(ctx):
+def work(ctx):
     cfg = ctx.cfg
     torch.manual_seed(cfg.seed)
-    backbone = make_backbone(ctx)
-    codebook = load_modular(ctx.paths.modular, cfg.num_codebook, cfg.dim).to(ctx.device)
+    backbone = make_backbone(cfg, ctx.device)
+    codebook = load_modular(ctx.upstream["modular"]["file"], cfg.num_codebook, cfg.dim).to(ctx.device)
     segment = build_segment(cfg.head, cfg.dim, cfg.reduced_dim, cfg.projection_dim, cfg.n_classes, cfg.num_queries,
                             codebook, ctx.device)
     broadcast_parameters(segment)  # the EMA heads, already copies of the students, come along
-    info = ctx.dataset_info
-    optimizer = torch.optim.Adam(segment.student_parameters(), lr=ctx.recipe.lr, weight_decay=info.weight_decay)
+    optimisation = CAUSE_OPTIMISATION[cfg.dataset]
+    optimizer = torch.optim.Adam(segment.student_parameters(), lr=ctx.recipe.lr,
+                                 weight_decay=optimisation.weight_decay)
     precision = Precision(cfg.precision, ctx.device)
     bank = ConceptBank(cfg.num_codebook, cfg.projection_dim, device=ctx.device, compact=ctx.device.type == "cpu")
     validation = validation_loader(ctx, cfg.test_resolution)
     training = FrontDoorTraining(
-        backbone, segment, codebook, bank, optimizer, info.front_door_clip[cfg.head], precision,
+        backbone, segment, codebook, bank, optimizer, optimisation.front_door_clip[cfg.head], precision,
         BatchGroup(ctx.recipe.shared_batch), cfg.n_classes, cfg.grid,
         validation=lambda epoch: probe_accuracy(ctx, backbone, segment, validation, precision, epoch))
 
@@ -145,17 +135,3 @@ def train(ctx):
 
     fit(ctx, training, cfg.train_resolution, save)
     return str(ctx.paths.segment)
-
-
-SPEC = StepSpec(
-    outputs=lambda paths: [paths.segment],
-    upstream=lambda cfg, paths: {"modular": Upstream(paths.modular, "train_mediator.py")},
-    data=("train", "val"),
-    settings=lambda cfg, recipe, precision: training_settings(
-        cfg, recipe, precision, head=cfg.head, reduced_dim=cfg.reduced_dim, projection_dim=cfg.projection_dim),
-    worker=train,
-)
-
-
-def run(cfg):
-    return run_step(cfg, SPEC)

@@ -1,21 +1,23 @@
-"""Step 1 — the mediator: learn the concept clusterbook by maximising modularity (SPEC §3)."""
+"""Step 1 — the mediator: learn the concept clusterbook by maximising modularity (docs/cause.md §3)."""
 import numpy as np
 import torch
 
 from modules.grid import grid_order, grid_sample_tokens
 from modules.losses import modularity_per_image
-from utils.engine.loop import (Precision, StepSpec, backbone_tokens, fit, make_backbone, optimizer_step, run_step,
-                               training_settings, write_artifact_records)
+from utils.engine.loop import Training, backbone_tokens, fit, make_backbone
+from utils.engine.optim import Precision, optimizer_step
+from utils.engine.status import write_artifact_records
 from utils.runtime.distributed import BatchGroup, broadcast_parameters
 from utils.runtime.io import save_numpy
 
 
-class MediatorTraining:
+class MediatorTraining(Training):
     """One optimiser step of the mediator: the modularity of the clusterbook on the batch's tokens."""
 
     def __init__(self, backbone, codebook, optimizer, scheduler, precision, group, grid):
+        super().__init__()
         self.backbone, self.codebook = backbone, codebook
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.optimizer, self.schedulers = optimizer, [scheduler]
         self.precision, self.group, self.grid = precision, group, grid
 
     def losses(self, batch, random):
@@ -28,43 +30,41 @@ class MediatorTraining:
 
     def update(self, losses, random):
         optimizer_step(losses["loss"], [self.optimizer], self.precision, self.group, [self.codebook])
+        self.steps_done += 1
 
-    def end_epoch(self):
-        # As the official code: decay 0.2 per epoch (one epoch by default, so it never acts).
-        self.scheduler.step()
+    def parts(self):
+        # As the official code: the scheduler decays 0.2 per epoch (one epoch by default, so it never acts).
+        return {"codebook": _TensorState(self.codebook), "optimizer": self.optimizer,
+                "scheduler": self.schedulers[0], "scaler": self.precision.scaler}
 
-    def validate(self, epoch):
-        return {}
+
+class _TensorState:
+    """A lone parameter as a resume state's part."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
 
     def state_dict(self):
-        return {"codebook": self.codebook.detach().cpu(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()}
+        return self.tensor.detach().cpu()
 
     def load_state_dict(self, state):
-        self.codebook.data.copy_(state["codebook"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.precision.scaler.load_state_dict(state["scaler"])
-
-    def process_state(self):
-        return None
+        self.tensor.data.copy_(state)
 
 
 def new_clusterbook(num_codebook, dim, device):
-    """SPEC §3: 2048 prototypes drawn from uniform(-1/2048, 1/2048)."""
+    """docs/cause.md §3: 2048 prototypes drawn from uniform(-1/2048, 1/2048)."""
     return torch.empty(num_codebook, dim, device=device).uniform_(-1 / num_codebook, 1 / num_codebook)
 
 
-def train(ctx):
+def work(ctx):
     cfg = ctx.cfg
     torch.manual_seed(cfg.seed)
-    backbone = make_backbone(ctx)
+    backbone = make_backbone(cfg, ctx.device)
     codebook = torch.nn.Parameter(new_clusterbook(cfg.num_codebook, cfg.dim, ctx.device))
     broadcast_parameters(torch.nn.ParameterList([codebook]))
     optimizer = torch.optim.Adam([codebook], lr=ctx.recipe.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
-    precision = Precision(cfg.precision, ctx.device)
-    training = MediatorTraining(backbone, codebook, optimizer, scheduler, precision,
+    training = MediatorTraining(backbone, codebook, optimizer, scheduler, Precision(cfg.precision, ctx.device),
                                 BatchGroup(ctx.recipe.shared_batch), cfg.grid)
 
     def save(ctx, epochs_done):
@@ -75,16 +75,3 @@ def train(ctx):
     if ctx.dist.is_main:
         print(f"[mediator] clusterbook saved to {ctx.paths.modular}")
     return str(ctx.paths.modular)
-
-
-SPEC = StepSpec(
-    outputs=lambda paths: [paths.modular],
-    upstream=lambda cfg, paths: {},
-    data=("train",),
-    settings=lambda cfg, recipe, precision: training_settings(cfg, recipe, precision),
-    worker=train,
-)
-
-
-def run(cfg):
-    return run_step(cfg, SPEC)

@@ -1,6 +1,6 @@
 """predict.py: segment a user's own images with a trained (or released) model.
 
-Each image goes through the test step's prediction (SPEC §6) at any size: read as RGB
+Each image goes through the test step's prediction (docs/cause.md §6) at any size: read as RGB
 (loader/user_images.py), resized so that its shorter side is the working scale (--short_side,
 default the test resolution), covered by overlapping windows of the test resolution whose
 flip-averaged features are blended on the patch grid (modules/tiling.py), upsampled bilinearly
@@ -37,13 +37,16 @@ from loader.user_images import MAX_ASPECT, RejectedImage, check_processable, lis
 from modules.crf import crf_inference_job, crf_inputs, crf_pool
 from modules.features import upsample
 from modules.tiling import dense_feature_grid, resized, upsampled_bands, working_size
-from utils.engine.loop import Precision, artifact_paths
+from utils.engine.optim import Precision
 from utils.engine.predictors import LOADERS
-from utils.runtime.config import HEADS, PREDICT, ConfigError, build_parser, make_config
+from utils.engine.status import fingerprint_cache
+from utils.runtime.config import ConfigError, build_parser, make_config
+from utils.runtime.options import HEADS
+from utils.runtime.steps import PREDICT, STEPS
 from utils.runtime.distributed import launch_single
 from utils.runtime.io import save_jpeg, save_png, save_text
 from utils.runtime.pictures import colorize, palette
-from utils.runtime.records import FingerprintCache, identity_of
+from utils.runtime.records import identity_of
 
 # Values of one band of upsampled features, scores or CRF marginals (64 MB in float32): the 27
 # scores of a 4000-pixel-wide image are reduced to ids 155 rows at a time.
@@ -84,8 +87,9 @@ class PredictError(UserError):
 
 
 def build_predict_parser():
-    """predict.py's parser: the options it shares with the steps (config.OPTIONS), then its own."""
-    parser = build_parser(PREDICT, description=DESCRIPTION, epilog=EPILOG,
+    """predict.py's parser: the options it shares with the evaluations (utils/runtime/steps.PREDICT), then
+    its own."""
+    parser = build_parser(STEPS["test"], options=PREDICT, description=DESCRIPTION, epilog=EPILOG,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     own = parser.add_argument_group("predict")
     own.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -96,8 +100,8 @@ def build_predict_parser():
     own.add_argument("--head", choices=HEADS, default="tr",
                      help="the segmentation head whose trained (or released) files segment (default tr)")
     own.add_argument("--model", choices=sorted(LOADERS), default="cause",
-                     help="the method whose model segments: cause, CAUSE's nearest-centroid prediction (SPEC §6); "
-                          "primaps, PriMaPs-EM's momentum prototypes θ_M (PRIMAPS.md §3) in the --mode it was "
+                     help="the method whose model segments: cause, CAUSE's nearest-centroid prediction; primaps, "
+                          "PriMaPs-EM's momentum prototypes θ_M, as its test step predicts, in the --mode it was "
                           "trained in (cause: on the --head's CAUSE features; backbone: on the plain backbone)")
     own.add_argument("--crf", action="store_true",
                      help="refine with the test step's dense CRF. It runs on the image at the working scale "
@@ -119,13 +123,13 @@ def build_predict_parser():
 
 
 def parse_options(argv=None):
-    """(cfg, options): the model's Config, as the test step would build it, and predict's own options."""
+    """(cfg, options): the Config of the evaluation whose model segments (the test step's, or PriMaPs-EM's),
+    and predict's own options."""
     given = vars(build_predict_parser().parse_args(argv))
     own = argparse.Namespace(**{name: given.pop(name) for name in
                                 ("inputs", "output", "head", "model", "crf", "short_side", "stride", "overwrite")})
-    # A PriMaPs model of backbone mode has no CAUSE head: its artifacts are named without one.
-    head = None if own.model == "primaps" and given["mode"] == "backbone" else own.head
-    cfg = make_config(PREDICT, head, given)
+    _, evaluation = LOADERS[own.model]
+    cfg = make_config(STEPS[evaluation], own.head, {**given, "head": own.head})
     res, patch = cfg.test_resolution, cfg.patch
     own.short_side = res if own.short_side is None else own.short_side
     own.stride = max(patch, res // 2 // patch * patch) if own.stride is None else own.stride
@@ -155,8 +159,9 @@ def predict(cfg, options, device):
         raise PredictError(f"no image files in {', '.join(map(str, options.inputs))} (looked for .jpg, .jpeg, .png, "
                            f".webp, .bmp, .tif, .tiff)")
     with crf_pool(cfg.crf_workers if options.crf else 1) as pool:  # before the model reaches a GPU (modules/crf.py)
-        fingerprints = FingerprintCache(artifact_paths(cfg).fingerprint_cache)
-        model = LOADERS[options.model](cfg, device, fingerprints)
+        fingerprints = fingerprint_cache(cfg)
+        load, _ = LOADERS[options.model]
+        model = load(cfg, device, fingerprints)
         cluster_to_class, matched_by = matching(cfg, model, fingerprints)
         fingerprints.save()
         classes = classes_record(cfg, options, model, cluster_to_class, matched_by, Precision(cfg.precision, device))

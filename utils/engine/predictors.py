@@ -12,10 +12,11 @@ A model is a predictor with
 and its loader, `load(cfg, device, fingerprints)`, returns a LoadedModel: the predictor, the earlier
 artifacts it read (utils/runtime/records.py entries: their fingerprints), and where the evaluation
 of that model saves its Hungarian matching of clusters to the data set's classes ("cluster_to_class"
-of a metrics.json). A missing or interrupted artifact stops the loader with the evaluation's own
-message (utils/engine/loop.upstream_inputs, records.check_complete).
+of a metrics.json). A loader is given the Config of the evaluation whose model it loads (the test
+step's, or PriMaPs-EM's): a missing or interrupted artifact stops it with the evaluation's own message
+(utils/engine/status.upstream_inputs, records.check_complete).
 
-predict.py upsamples features, not logits, to the image's size, as the test step does (SPEC §6):
+predict.py upsamples features, not logits, to the image's size, as the test step does (docs/cause.md §6):
 for CAUSE's cosine logits the two differ (for a linear head they are the same). `scores` keep that
 prediction while upsampling fewer channels.
 
@@ -29,14 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from modules.features import flip_averaged, head_features
-from modules.primaps import PriMaPsModel
 from modules.probe import crf_log_probs
-from utils.engine import evaluate, evaluate_primaps
-from utils.engine.loop import Precision, StepContext, artifact_paths, require_backbone_file, upstream_inputs
-from utils.engine.primaps import MOMENTUM_MAX_DECAY, feature_dim, load_features
-from utils.runtime.artifacts import load_state_strict
-from utils.runtime.distributed import Dist
+from utils.engine.optim import Precision
+from utils.engine.status import require_backbone_file, upstream_inputs
+from utils.engine.trained import cause_modules, primaps_features, primaps_model
+from utils.runtime.paths import paths_of
 from utils.runtime.records import check_complete
+from utils.runtime.steps import command_of
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class LoadedModel:
 
 
 class CausePredictor:
-    """CAUSE's prediction (SPEC §6): head_ema features averaged with the mirrored image's, nearest
+    """CAUSE's prediction (docs/cause.md §6): head_ema features averaged with the mirrored image's, nearest
     cluster-probe centroid by cosine."""
 
     def __init__(self, backbone, segment, cluster, precision, resolution, patch):
@@ -73,29 +73,27 @@ class CausePredictor:
         return crf_log_probs(logits)
 
 
-def evaluated_inputs(cfg, evaluation, device, fingerprints):
-    """The StepContext of `evaluation` (a test step's StepSpec) for `cfg` in this process, with the
-    artifacts it reads; stops at a missing or interrupted one with the evaluation's own message."""
+def evaluated_inputs(cfg, fingerprints):
+    """The artifacts the evaluation `cfg` reads; stops at a missing or interrupted one with the
+    evaluation's own message."""
     require_backbone_file(cfg)
-    paths = artifact_paths(cfg)
-    upstream = upstream_inputs(cfg, evaluation, paths, fingerprints)
+    upstream = upstream_inputs(cfg, paths_of(cfg), fingerprints)
     check_complete(upstream, cfg.accept_partial)
-    return StepContext(cfg, Dist(0, 1, device), paths, None, {}, upstream)
+    return upstream
 
 
 def load_cause(cfg, device, fingerprints):
     """The backbone, segment module and cluster probe the test step of `cfg` would evaluate."""
-    ctx = evaluated_inputs(cfg, evaluate.SPEC, device, fingerprints)
-    paths, upstream = ctx.paths, ctx.upstream
-    backbone, segment, cluster = evaluate.load_trained_modules(ctx, upstream["segment"]["file"])
+    upstream = evaluated_inputs(cfg, fingerprints)
+    backbone, segment, cluster = cause_modules(cfg, upstream, device)
     predictor = CausePredictor(backbone, segment, cluster, Precision(cfg.precision, device), cfg.test_resolution,
                                cfg.patch)
     description, files = _loaded_from(cfg, upstream, fingerprints, model="cause", head=cfg.head)
-    return LoadedModel(predictor, upstream, paths.metrics, f"test_{cfg.head}.py", description, files)
+    return LoadedModel(predictor, upstream, paths_of(cfg).metrics, command_of(cfg.step, cfg), description, files)
 
 
 class PriMaPsPredictor:
-    """PriMaPs-EM's prediction (PRIMAPS.md §3): its features (CAUSE's head_ema or the backbone's
+    """PriMaPs-EM's prediction (docs/primaps.md §3): its features (CAUSE's head_ema or the backbone's
     tokens) averaged with the mirrored image's, scored by θ_M, the momentum prototypes."""
 
     def __init__(self, feature_fn, model, resolution, patch):
@@ -128,15 +126,13 @@ def _loaded_from(cfg, upstream, fingerprints, **what):
 
 def load_primaps(cfg, device, fingerprints):
     """The PriMaPs model (--mode cause or backbone) the PriMaPs test step of `cfg` would evaluate."""
-    ctx = evaluated_inputs(cfg, evaluate_primaps.SPEC, device, fingerprints)
-    paths, upstream = ctx.paths, ctx.upstream
-    feature_fn, _ = load_features(ctx, Precision(cfg.precision, device))
-    model = PriMaPsModel(feature_dim(cfg), cfg.n_classes, MOMENTUM_MAX_DECAY).to(device)
-    load_state_strict(model, paths.primaps, "PriMaPs model", evaluate_primaps.trained_by(cfg))
-    predictor = PriMaPsPredictor(feature_fn, model, cfg.test_resolution, cfg.patch)
+    upstream = evaluated_inputs(cfg, fingerprints)
+    feature_fn, _ = primaps_features(cfg, upstream, device, Precision(cfg.precision, device))
+    predictor = PriMaPsPredictor(feature_fn, primaps_model(cfg, upstream, device), cfg.test_resolution, cfg.patch)
     description, files = _loaded_from(cfg, upstream, fingerprints, model="primaps", mode=cfg.mode, head=cfg.head)
-    return LoadedModel(predictor, upstream, paths.primaps_metrics, f"test_primaps.py --mode {cfg.mode}",
-                       description, files)
+    return LoadedModel(predictor, upstream, paths_of(cfg).primaps_metrics, command_of(cfg.step, cfg), description,
+                       files)
 
 
-LOADERS = {"cause": load_cause, "primaps": load_primaps}
+# {--model: (the loader, the evaluation whose model it loads)}
+LOADERS = {"cause": (load_cause, "test"), "primaps": (load_primaps, "test_primaps")}

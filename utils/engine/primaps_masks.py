@@ -1,4 +1,4 @@
-"""PriMaPs' pseudo masks (PRIMAPS.md §1), computed once per data set, backbone and mask settings.
+"""PriMaPs' pseudo masks (docs/primaps.md §1), computed once per data set, backbone and mask settings.
 
 One 8-bit PNG per training image (named after the image's file stem) in a folder named after the
 settings, CAUSE/{dataset}/primaps_masks/{backbone}_{resolution}px_threshold{ψ}_seed{seed}/, with
@@ -12,11 +12,13 @@ generator seeded with (run seed, image index), so a rerun writes the same masks.
 
 An image whose mask proposals come out NaN (features without any direction, e.g. constant
 patches: the official code divides 0 by 0 there) gets no mask: every pixel 255, so it adds nothing
-to training. masks.json lists the images without any mask pixel, whatever the reason.
+to training. masks.json lists the images without any mask pixel, whatever the reason. The folder is
+shared by the runs of both modes on the same backbone and data: one computes its masks at a time
+(a lock beside it), the other then finds them made.
 """
 import json
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from modules.primaps import NO_MASK, mask_log_probs, pseudo_mask_job
 from modules.randomness import mixed_seed
 from utils.runtime.distributed import barrier, is_initialized
 from utils.runtime.io import save_png, save_text
+from utils.runtime.locks import exclusive
 from utils.runtime.records import StaleInputError, differences, now, project_version
 
 INFO = "masks.json"
@@ -159,6 +162,12 @@ def prepare_masks(ctx, backbone, dataset, mask_files, pool, mask_heads):
     """Make sure every training image has its pseudo mask in `mask_files` (see the module's doc);
     called by every process of the run, `backbone` on the process's device."""
     folder = mask_files[0].parent
+    lock = folder.with_name(f".{folder.name}.lock")
+    with exclusive(lock, f"[primaps] the pseudo masks in {folder}") if ctx.dist.is_main else nullcontext():
+        _prepare(ctx, backbone, dataset, mask_files, pool, mask_heads, folder)
+
+
+def _prepare(ctx, backbone, dataset, mask_files, pool, mask_heads, folder):
     identity = masks_identity(ctx, mask_heads)
     if ctx.dist.is_main:
         _claim_folder(ctx, folder, identity)

@@ -25,7 +25,7 @@ def require(path, produced_by):
 
 
 def load_modular(path, num_codebook, dim):
-    """The mediator's clusterbook: float32 [num_codebook, dim] (SPEC §3)."""
+    """The mediator's clusterbook: float32 [num_codebook, dim] (docs/cause.md §3)."""
     require(path, "train_mediator.py")
     try:
         codebook = np.load(path)

@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from errors import USER_ERROR_STATUS, UserError, tell
-from utils.runtime.config import step_label
 
 DEBUG_VARIABLE = "CAUSE_DEBUG"  # set to 1: user errors keep their traceback, in every process
 # Under torchrun, a process whose collective lost its peer (gloo's words for it) exits with this status
@@ -59,10 +58,11 @@ def torchrun_rank():
     return int(os.environ["RANK"]) if under_torchrun() else 0
 
 
-def launch(worker, cfg):
-    """Run `worker(cfg, dist_info)` in every process of the run and return rank 0's result."""
+def launch(worker, cfg, label):
+    """Run `worker(cfg, dist_info)` in every process of the run and return rank 0's result; `label` names
+    the step in the line a user error is told in."""
     if under_torchrun():
-        return _run_process(int(os.environ["LOCAL_RANK"]), worker, cfg, None, None)
+        return _run_process(int(os.environ["LOCAL_RANK"]), worker, cfg, label, None, None)
     gpus = requested_gpus(cfg.gpu)
     world_size = len(gpus) if gpus else cfg.nproc
     if world_size == 1:
@@ -70,7 +70,7 @@ def launch(worker, cfg):
     _check_port_free(cfg.port)
     results = mp.get_context("spawn").Manager().dict()
     try:
-        mp.spawn(_run_process, args=(worker, cfg, gpus, results), nprocs=world_size, join=True)
+        mp.spawn(_run_process, args=(worker, cfg, label, gpus, results), nprocs=world_size, join=True)
     except (mp.ProcessRaisedException, mp.ProcessExitedException):
         # A process that meets a user error leaves its message here before it exits; the others may
         # fail after it (a collective's peer is gone) and be reported first. Any other failure (a bug,
@@ -98,7 +98,7 @@ def _device(gpu):
     return device
 
 
-def _run_process(local_rank, worker, cfg, gpus, results):
+def _run_process(local_rank, worker, cfg, label, gpus, results):
     if gpus is None:  # torchrun
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         gpu = local_rank if torch.cuda.is_available() else None
@@ -121,7 +121,7 @@ def _run_process(local_rank, worker, cfg, gpus, results):
         if results is None:
             # torchrun: this process tells it and stops at once, before closing its process group, so
             # that its peers fail after it and the launcher sees this failure first.
-            tell(step_label(cfg.step, cfg.head), err)
+            tell(label, err)
             sys.stdout.flush()
             os._exit(USER_ERROR_STATUS)
         results.setdefault("user_error", str(err))

@@ -1,15 +1,16 @@
 """The one place that names every file a run reads or writes.
 
-The layout of the CAUSE artifacts is the official one (SPEC §3-§5), so released CAUSE files
+The layout of the CAUSE artifacts is the official one (docs/cause.md §3-§5), so released CAUSE files
 dropped into `CAUSE/` load unchanged:
 
+    DATA/{crop folder of the data set}/                              crop (crops.json: its record)
     CAUSE/{dataset}/modularity/{baseline}/{K}/modular.npy            mediator
     CAUSE/{dataset}/{baseline}/{K}/segment_{head}.pth                front door
     CAUSE/{dataset}/{baseline}/{K}/segment_{head}_fine_tuned.pth     fine-tune (the segment it ended with)
     CAUSE/{dataset}/{baseline}/{K}/cluster_{head}.pth                fine-tune
     results/{dataset}/{MLP|TR}/{baseline}/{K}/                       test (metrics.json, pictures)
 
-PriMaPs-EM (PRIMAPS.md; `mode` cause or backbone):
+PriMaPs-EM (docs/primaps.md; `mode` cause or backbone):
 
     CAUSE/{dataset}/primaps_masks/{masks name}/{image stem}.png      pseudo masks (masks.json: what made them)
     CAUSE/{dataset}/{baseline}/{K}/primaps_{head}.pth                train_primaps, cause mode
@@ -20,11 +21,14 @@ PriMaPs-EM (PRIMAPS.md; `mode` cause or backbone):
 
 `baseline` is the backbone checkpoint's file stem. Beside every artifact a record with the same
 stem (`segment_tr.json`, ...) says what made it (utils/runtime/records.py); the test step's
-record is inside its metrics.json. Resume states of unfinished steps live in `resume/` beside
-the artifacts; a step's TensorBoard logs under `logs/`.
+record is inside its metrics.json, the crop step's inside its folder. A step's other files follow
+from its main artifact (RunFiles): its resume state in `resume/` beside it, the lock held while it
+runs, its TensorBoard logs under `logs/` in a folder mirroring the artifact's.
 """
 from dataclasses import dataclass
 from pathlib import Path
+
+from loader import dataset_info, existing_crop_dir
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,16 @@ class ArtifactPaths:
     results_root: Path = Path("results")
     logs_root: Path = Path("logs")
     primaps_mode: str | None = None  # "cause" | "backbone": which PriMaPs artifacts (None outside PriMaPs)
+    data_dir: Path = Path("data")
+
+    @property
+    def crops(self):
+        """The cropped training set (training also reads STEGO's folder when only it exists); None for a
+        data set that trains on its images as they are."""
+        info = dataset_info(self.dataset)
+        if info.crops is None:
+            return None
+        return existing_crop_dir(info, self.data_dir) or Path(self.data_dir) / info.crops.folder
 
     @property
     def mediator_dir(self):
@@ -64,23 +78,6 @@ class ArtifactPaths:
     def cluster(self):
         return self.head_dir / f"cluster_{self._head()}.pth"
 
-    @staticmethod
-    def record(artifact):
-        """The record of what made `artifact`: the same stem, `.json`."""
-        return Path(artifact).with_suffix(".json")
-
-    def resume_state(self, step):
-        if step == "mediator":
-            return self.mediator_dir / "resume" / "mediator.pt"
-        if step in ("primaps", "primaps_init"):
-            artifact = self.primaps if step == "primaps" else self.primaps_init
-            return self.primaps_dir / "resume" / f"{artifact.stem}.pt"
-        return self.head_dir / "resume" / f"{step}_{self._head()}.pt"
-
-    def resume_bank(self, step, rank):
-        """A process's concept bank of an unfinished front door, beside its resume state."""
-        return self.resume_state(step).with_suffix(f".bank{rank}.pt")
-
     @property
     def results(self):
         return Path(self.results_root) / self.dataset / self._head().upper() / self.baseline / str(self.num_codebook)
@@ -88,12 +85,6 @@ class ArtifactPaths:
     @property
     def metrics(self):
         return self.results / "metrics.json"
-
-    def logs(self, step):
-        if step in ("primaps", "primaps_init") and self._primaps() == "backbone":
-            return Path(self.logs_root) / self.dataset / self.baseline / step
-        name = step if step == "mediator" else f"{step}_{self._head()}"
-        return Path(self.logs_root) / self.dataset / f"{self.baseline}_{self.num_codebook}" / name
 
     @property
     def fingerprint_cache(self):
@@ -151,4 +142,32 @@ class ArtifactPaths:
 def paths_of(cfg):
     """The ArtifactPaths of a run's Config."""
     return ArtifactPaths(cfg.dataset, cfg.baseline, cfg.num_codebook, cfg.head, cfg.output_root, cfg.results_root,
-                         cfg.logs_root, cfg.mode)
+                         cfg.logs_root, cfg.mode, cfg.data_dir)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run of a step besides its artifacts, all named after its main artifact and the
+    step's run name ("front_door_tr"): its resume state, each process's concept bank, the lock held
+    while it runs, and its TensorBoard logs."""
+    artifact: Path
+    name: str
+    output_root: Path
+    logs_root: Path
+
+    @property
+    def resume_state(self):
+        return Path(self.artifact).parent / "resume" / f"{self.name}.pt"
+
+    def resume_bank(self, rank):
+        """A process's concept bank of an unfinished front door, beside its resume state."""
+        return self.resume_state.with_suffix(f".bank{rank}.pt")
+
+    @property
+    def lock(self):
+        return Path(self.artifact).parent / f".{self.name}.lock"
+
+    @property
+    def logs(self):
+        """logs/ mirrors the artifact's folder under the output root."""
+        return Path(self.logs_root) / Path(self.artifact).parent.relative_to(self.output_root) / self.name

@@ -1,4 +1,4 @@
-"""Colour palettes and the prediction pictures of the test step and predict.py (SPEC §6)."""
+"""Colour palettes and the prediction pictures of the test step and predict.py (docs/cause.md §6)."""
 from pathlib import Path
 
 import numpy as np

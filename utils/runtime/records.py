@@ -1,7 +1,8 @@
 """Records of what made each artifact, the fingerprints they hold, and whether a step is up to date.
 
-Beside every artifact a JSON record with the same stem (`segment_tr.json` beside `segment_tr.pth`)
-says how it was made: the step's settings and recipe, the fingerprints of everything it read (the
+Beside every artifact a JSON record with the same stem (`segment_tr.json` beside `segment_tr.pth`;
+a folder artifact, the crops, holds its record inside, written before the folder is renamed into
+place) says how it was made: the step's settings and recipe, the fingerprints of everything it read (the
 backbone file, the earlier steps' artifacts, the data lists), whether the run that wrote it finished
 all its epochs, the project's version. A step is "already done" when its artifact's record is
 complete and was made from exactly the current inputs and settings; otherwise it says what changed
@@ -24,6 +25,7 @@ from errors import UserError
 from utils.runtime.io import save_text
 
 _CHUNK = 1 << 22
+FOLDER_RECORD = "record.json"
 
 
 class StaleInputError(UserError):
@@ -32,13 +34,14 @@ class StaleInputError(UserError):
 
 
 class FingerprintCache:
-    """Content hashes of files, kept in a JSON file so each file is hashed once while it is unchanged."""
+    """Content hashes of files, kept in a JSON file so each file is hashed once while it is unchanged
+    (path None: kept in memory only)."""
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = None if path is None else Path(path)
         self.changed = False
         try:
-            self.entries = json.loads(self.path.read_text())
+            self.entries = json.loads(self.path.read_text()) if self.path is not None else {}
         except (OSError, ValueError):  # no cache yet, or one damaged by hand: start a new one
             self.entries = {}
 
@@ -58,26 +61,38 @@ class FingerprintCache:
             self.changed = True
         return entry["fingerprint"]
 
-    def file_list(self, files, root):
-        """sha256 of the files' names relative to `root`, in order, and their sizes."""
+    def file_list(self, files, root, timed=False):
+        """sha256 of the files' names relative to `root`, in order, and their sizes; `timed`: and their
+        modification times, so that a file rewritten in place (same name and size) counts as changed.
+        An untimed list is computed again only when one of its folders changed."""
         files = [Path(f) for f in files]
-        names = "\n".join(os.path.relpath(f, root) for f in files)
-        key = "list:" + hashlib.sha256(f"{Path(root).resolve()}\n{names}".encode()).hexdigest()
+        names = [os.path.relpath(f, root) for f in files]
+        if timed:
+            return {"fingerprint": _digest(f"{name}\t{f.stat().st_size}\t{f.stat().st_mtime_ns}"
+                                           for name, f in zip(names, files, strict=True)), "files": len(files)}
+        key = "list:" + hashlib.sha256("\n".join([str(Path(root).resolve()), *names]).encode()).hexdigest()
         folders = sorted({str(f.parent.resolve()) for f in files})
         state = [[folder, os.stat(folder).st_mtime_ns] for folder in folders]
         entry = self.entries.get(key)
         if entry is None or entry["state"] != state:
-            digest = hashlib.sha256()
-            for name, f in zip(names.split("\n"), files, strict=True):
-                digest.update(f"{name}\t{f.stat().st_size}\n".encode())
-            entry = {"state": state, "fingerprint": f"sha256:{digest.hexdigest()}", "files": len(files)}
+            fingerprint = _digest(f"{name}\t{f.stat().st_size}" for name, f in zip(names, files, strict=True))
+            entry = {"state": state, "fingerprint": fingerprint, "files": len(files)}
             self.entries[key] = entry
             self.changed = True
         return {"fingerprint": entry["fingerprint"], "files": entry["files"]}
 
+    def artifact(self, path):
+        """The fingerprint of an artifact: a file's content, or a folder's files (names and sizes, its
+        record left out)."""
+        path = Path(path)
+        if not path.is_dir():
+            return self.file(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != FOLDER_RECORD)
+        return self.file_list(files, path)["fingerprint"]
+
     def save(self):
         """Write the cache (whole or not at all), merged with what other runs wrote meanwhile."""
-        if not self.changed:
+        if not self.changed or self.path is None:
             return
         try:
             on_disk = json.loads(self.path.read_text())
@@ -85,6 +100,13 @@ class FingerprintCache:
             on_disk = {}
         save_text(json.dumps({**on_disk, **self.entries}), self.path)
         self.changed = False
+
+
+def _digest(lines):
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(f"{line}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
 
 
 @lru_cache(maxsize=None)
@@ -103,9 +125,15 @@ def project_version():
     return commit + ("+changes" if dirty else "")
 
 
+def record_path(artifact):
+    """Where the record of `artifact` lives: beside it with the same stem, or inside a folder artifact."""
+    artifact = Path(artifact)
+    return artifact / FOLDER_RECORD if artifact.is_dir() else artifact.with_suffix(".json")
+
+
 def read_record(artifact):
-    """The record beside `artifact` (same stem, .json), or None when it has none."""
-    path = Path(artifact).with_suffix(".json")
+    """The record of `artifact` (record_path), or None when it has none."""
+    path = record_path(artifact)
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -114,7 +142,7 @@ def read_record(artifact):
 
 
 def write_record(artifact, record):
-    save_text(json.dumps(record, indent=2, default=str), Path(artifact).with_suffix(".json"))
+    save_text(json.dumps(record, indent=2, default=str), record_path(artifact))
 
 
 def now():
@@ -125,7 +153,7 @@ def upstream_entry(artifact, produced_by, fingerprints, record=None):
     """What a step records of an earlier step's artifact it reads: its fingerprint and its origin
     ("trained" with the earlier record, whether complete, or "released": a file without a record)."""
     record = read_record(artifact) if record is None else record
-    entry = {"file": str(artifact), "fingerprint": fingerprints.file(artifact), "produced_by": produced_by}
+    entry = {"file": str(artifact), "fingerprint": fingerprints.artifact(artifact), "produced_by": produced_by}
     if record is None:
         entry.update(origin="released", complete=True)
     else:

@@ -1,7 +1,7 @@
 """The embedded demo: synthetic data and a stand-in backbone, so `bash run` works with no downloads.
 
 `prepare(root)` (called by `bash run demo`) writes, once,
-  root/data/cocostuff/...              a synthetic data set in the real cocostuff layout (SPEC §2)
+  root/data/cocostuff/...              a synthetic data set in the real cocostuff layout (docs/cause.md §2)
   root/checkpoint/dino_vit_tiny_8.pth  a ViT-Tiny/8 with the project's stand-in weights, DINO release layout
 and returns them with the options that size the run for a CPU; `predict_arguments` are predict.py's
 own arguments at the end of a demo run.
@@ -9,7 +9,7 @@ The demo's numbers check the pipeline on synthetic images; they are not the pape
 """
 from pathlib import Path
 
-from loader.datasets import COCO_LIST, COCO_LIST_7
+from loader.layouts import COCO_LIST, COCO_LIST_7
 from loader.synthetic import make_synthetic_cocostuff
 from models import stand_in_release
 from utils.runtime.io import save_text, save_torch

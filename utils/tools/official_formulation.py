@@ -1,14 +1,14 @@
 """The official CAUSE formulation of the training objectives, transcribed as it computes them.
 
 This is a baseline for `utils.benchmark` and a reference for `tests/test_benchmark.py`,
-never used in training. It keeps the costs the project's own code avoids (issue 6):
+never used in training. It keeps the costs the project's own code avoids:
 
 - the modularity loss builds the [B, K, P, P] tensor of tanh(S_ik S_jk / τ) and takes its
-  max over the K prototypes (SPEC §3);
+  max over the K prototypes (docs/cause.md §3);
 - the concept bank is a dict of per-prototype tensors, updated by a Python loop over the
   prototypes present, with a device→host copy at every dict access, and flattened again
   by growing concatenations before every loss evaluation;
-- the contrastive loss loops over the images of the batch (SPEC §4).
+- the contrastive loss loops over the images of the batch (docs/cause.md §4).
 
 The numbers are those of the official code; only the names and the layout are this
 project's (flat [N] indices and [N, dim] values instead of [B, P] grids).
@@ -114,7 +114,7 @@ def _official_nce(logits, pos, neg):
 
 def official_contrastive_loss(feat, proj, proj_ema, codebook, bank=None, temp=0.07, pos_thresh=0.3,
                               neg_thresh=0.1):
-    """Concept-wise contrastive loss of SPEC §4, one image of anchors at a time.
+    """Concept-wise contrastive loss of docs/cause.md §4, one image of anchors at a time.
 
     feat [B, P, D] sampled backbone tokens, proj / proj_ema [B, P, Dp], codebook [K, D],
     bank an OfficialBank or None (flattened here, as the official step does before the loss).

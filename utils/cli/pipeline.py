@@ -20,15 +20,13 @@ import sys
 from pathlib import Path
 
 from errors import UserError
-from utils.runtime.config import HEADS, OPTIONS, PREDICT, PRIMAPS_STEPS, option_names, parse_config
+from utils.runtime.config import parse_config
+from utils.runtime.options import HEADS, OPTIONS
 from utils.runtime.paths import paths_of
+from utils.runtime.steps import PREDICT, pipeline_steps, script_options
 
 ROOT = Path(__file__).resolve().parents[2]
-PIPELINE = ("crop", "mediator", "front_door", "fine_tune", "test")
-SCRIPTS = {"crop": "crop_dataset.py", "mediator": "train_mediator.py", "front_door": "train_front_door_{head}.py",
-           "fine_tune": "fine_tuning_{head}.py", "test": "test_{head}.py", "primaps": "train_primaps.py",
-           "test_primaps": "test_primaps.py"}
-HEAD_STEPS = ("front_door", "fine_tune", "test")
+CHAINS = {"cause": ("cause",), "primaps": ("cause", "primaps")}
 ENVIRONMENT = {"DATASET": "dataset", "CKPT": "ckpt", "DATA_DIR": "data_dir", "GPU": "gpu"}
 # Options that name one step's own work: given without a step they would redo more than meant.
 STEP_ONLY = {"restart"}
@@ -38,15 +36,21 @@ class PipelineError(UserError):
     pass
 
 
-def _takes_value(name):
-    option = next(o for o in OPTIONS if o.flags[0] == f"--{name}")
-    return option.kwargs.get("action") != "store_true"
+def chain(primaps=False):
+    """The steps `bash run` runs, in order: CAUSE's, then PriMaPs-EM's with --primaps."""
+    return pipeline_steps(*CHAINS["primaps" if primaps else "cause"])
 
 
-def route(tokens, steps):
-    """{step: argv} from `bash run`'s option tokens (after `demo` and --head are taken out)."""
+def known_options(steps):
+    """{step name: the options its script takes} of a chain."""
+    return {step.name: set(script_options(step)) for step in steps}
+
+
+def route(tokens, known):
+    """{step: argv} from `bash run`'s option tokens (after `demo` and --head are taken out); `known`:
+    {step name: the options it takes}."""
+    steps = list(known)
     routed = {step: [] for step in steps}
-    known = {step: option_names(step) for step in steps}
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -65,7 +69,7 @@ def route(tokens, steps):
             raise PipelineError(f"--{option} redoes one step: say which, e.g. --front_door.{option} (later steps "
                                 f"rerun by themselves, as their inputs change); --crop.{option} remakes the crops")
         argv = [f"--{option}"]
-        if _takes_value(option):
+        if not OPTIONS[option].is_switch:
             if not has_value:
                 if i + 1 >= len(tokens):
                     raise PipelineError(f"--{name} needs a value")
@@ -102,19 +106,26 @@ def split_head(tokens, head):
 
 
 def usage():
+    steps = chain(primaps=True)
     lines = [__doc__.strip(), "", "pipeline options:",
              "  demo                 run on the embedded demo data (default when no data is configured)",
              f"  --head {{{','.join(HEADS)}}}       the segmentation head (default tr; PriMaPs' too)",
              "  --primaps            then PriMaPs-EM (train_primaps.py, test_primaps.py) and both results", "",
              "step options (--NAME for every step that has it, --STEP.NAME for one):"]
-    for option in OPTIONS:
-        name = option.flags[0]
-        if name == "--head":  # the pipeline's own, above
+    takes = known_options(steps)
+    for option in OPTIONS.values():
+        if option.name == "head":  # the pipeline's own, above
             continue
-        steps = [s for s in (*PIPELINE, *PRIMAPS_STEPS) if s in option.steps]
-        help_text = option.kwargs.get("help", "")
-        lines.append(f"  {name:<20} [{', '.join(steps)}] {help_text}".rstrip())
+        reached = [step.name for step in steps if option.name in takes[step.name]]
+        lines.append(f"  {option.flag:<20} [{', '.join(reached)}] {option.kwargs.get('help', '')}".rstrip())
     return "\n".join(lines)
+
+
+def command(step, head, argv):
+    """The command line of one step of the chain: its script, or utils/cli/steps.py for one without."""
+    if step.script is None:
+        return ["-m", "utils.cli.steps", step.name, *(["--head", head] if step.head == "script" else []), *argv]
+    return [step.script.format(head=head), *argv]
 
 
 def main(argv=None):
@@ -128,7 +139,7 @@ def main(argv=None):
     head, rest = split_head(tokens, os.environ.get("HEAD", "tr"))
     primaps = "--primaps" in rest
     rest = [token for token in rest if token != "--primaps"]
-    steps = (*PIPELINE, *PRIMAPS_STEPS) if primaps else PIPELINE
+    steps = chain(primaps)
     defaults = [f"--{option}={os.environ[variable]}" for variable, option in ENVIRONMENT.items()
                 if os.environ.get(variable)]
     data_given = any(t.split("=")[0].endswith("data_dir") for t in rest + defaults) or os.environ.get("CAUSE_DATA_DIR")
@@ -136,26 +147,28 @@ def main(argv=None):
         print("No data directory configured (--data_dir, DATA_DIR, or ./data): running the demo.")
         print("It checks the pipeline on synthetic data; see README.md for a real run.")
         demo = True
-    commands = []
+    known = known_options(steps)
+    last = []
     if demo:
         from utils.engine.predict import parse_options
         from utils.tools.demo import predict_arguments, prepare
         data_dir, ckpt, options = prepare(ROOT / "demo")
         defaults = [*options, f"--data_dir={data_dir}", f"--ckpt={ckpt}", "--dataset=cocostuff27"]
         # predict.py takes the options it shares with the steps as the steps do (the model's sizes).
-        routed = route(defaults + rest, (*steps, PREDICT))
-        predict_argv = routed[PREDICT] + predict_arguments(ROOT / "demo", head)
+        routed = route(defaults + rest, {**known, "predict": set(PREDICT)})
+        predict_argv = routed.pop("predict") + predict_arguments(ROOT / "demo", head)
         parse_options(predict_argv)
-        commands.append(["predict.py", *predict_argv])
+        last.append(["predict.py", *predict_argv])
     else:
-        routed = route(defaults + rest, steps)
-    for step in PRIMAPS_STEPS if primaps else ():
-        routed[step] = ["--head", head, *routed[step]]
+        routed = route(defaults + rest, known)
+    for step in steps:
+        if step.head == "option":
+            routed[step.name] = ["--head", head, *routed[step.name]]
     # Every step's options are checked before the first one starts.
-    configs = {step: parse_config(step, head if step in HEAD_STEPS else None, routed[step]) for step in steps}
-    for command in [[SCRIPTS[step].format(head=head), *routed[step]] for step in steps] + commands:
-        print("+ " + shlex.join(command), flush=True)
-        done = subprocess.run([sys.executable, *command], cwd=ROOT)
+    configs = {step.name: parse_config(step, head, routed[step.name]) for step in steps}
+    for line in [command(step, head, routed[step.name]) for step in steps] + last:
+        print("+ " + shlex.join(["python", *line] if line[0] == "-m" else line), flush=True)
+        done = subprocess.run([sys.executable, *line], cwd=ROOT)
         if done.returncode:
             return done.returncode
     if primaps:

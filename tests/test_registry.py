@@ -1,0 +1,160 @@
+"""Steps declared once (utils/runtime/steps.py): a step's identity follows from its options'
+declarations, and one live run at a time works on a step's artifacts. (A step added through the
+registry alone runs in `bash run`: tests/test_pipeline.py.)"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from steps import make_tiny_setup, run_step, step_args
+
+from utils.engine import status
+from utils.engine.runner import run_files
+from utils.runtime.config import make_config, result_settings
+from utils.runtime.locks import BusyError, exclusive
+from utils.runtime.options import OPTIONS
+from utils.runtime.recipe import recipe_for
+from utils.runtime.records import FingerprintCache, StaleInputError, write_record
+from utils.runtime.steps import CAUSE_FEATURES, STEPS
+
+CHOICES = {"dataset": "cityscapes", "arch": "dino_vit_small_8", "precision": "bf16", "mode": "backbone",
+           "recipe": "scaled", "head": "mlp", "if_changed": "refuse"}
+
+
+def other_value(name, value):
+    """A valid value of option `name` other than `value`."""
+    if name in CHOICES:
+        return CHOICES[name] if value != CHOICES[name] else "cocostuff27" if name == "dataset" else None
+    option = OPTIONS[name]
+    if option.is_switch:
+        return not value
+    if option.kwargs.get("type") is Path:
+        return Path(value).parent / "elsewhere" / Path(value).name
+    if name in ("train_resolution", "test_resolution"):
+        return value + 8  # stays a multiple of the patch size
+    if name == "dino_small_heads":
+        return 6 if value == 12 else 12
+    if name == "grid":
+        return not value
+    if name == "threshold":
+        return value / 2
+    if isinstance(value, float):
+        return value * 2
+    if name == "gpu":
+        return "cpu"
+    return (value or 1) + 1
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("checkpoint") / "dino_vit_tiny_8.pth"
+    ckpt.write_bytes(b"the content is what the identity holds")
+    return ckpt
+
+
+def decision(base, changed, tmp_path):
+    """Whether a step whose artifact was made with `base` (its record says so) runs again for `changed`."""
+    fingerprints = FingerprintCache(None)
+
+    def identity_of(cfg):
+        recipe = recipe_for(cfg, STEPS[cfg.step].paper_gpus, 1) if STEPS[cfg.step].trains else None
+        return status.identity(cfg, recipe, fingerprints, {}, {})
+
+    artifact = tmp_path / "artifact.pth"
+    artifact.write_bytes(b"made")
+    write_record(artifact, {"complete": True, "identity": identity_of(base)})
+    return status.decide_to_run(changed, "step", [artifact], run_files(changed, [artifact]), identity_of(changed),
+                                fingerprints)
+
+
+def cases():
+    for step in STEPS.values():
+        for mode in ("cause", "backbone") if "mode" in step.options else (None,):
+            yield pytest.param(step.name, mode, id=f"{step.name}-{mode}" if mode else step.name)
+
+
+@pytest.mark.parametrize("name,mode", cases())
+def test_every_result_changing_option_reruns_its_step_and_no_other_does(name, mode, backbone_file, tmp_path, capsys):
+    step = STEPS[name]
+    head = "tr" if step.head == "script" else None
+    given = {"ckpt": backbone_file, "data_dir": tmp_path, **({"mode": mode} if mode else {})}
+    base = make_config(step, head, given)
+    reruns, neutral = [], []
+    for option in step.options:
+        if option in step.fixed:
+            continue
+        value = other_value(option, getattr(base, option) if option != "head" else "tr")
+        if option == "ckpt":  # the same file elsewhere: its content is what counts
+            value.parent.mkdir(exist_ok=True)
+            value.write_bytes(backbone_file.read_bytes())
+        changed = make_config(step, head, {**given, option: value})
+        if decision(base, changed, tmp_path):
+            reruns.append(option)
+        else:
+            neutral.append(option)
+    capsys.readouterr()
+    unused = set(step.unused(vars(base) | {"mode": mode}))
+    expected = {o for o in step.options if OPTIONS[o].changes_result and o not in step.neutral and o not in unused}
+    # --restart redoes the step whatever its inputs; --if_changed refuse stops where it would rerun.
+    assert set(reruns) == expected | {"restart"} - set(step.fixed), (name, mode)
+    assert {"num_workers", "data_dir"} <= set(neutral)
+    if step.trains:
+        assert {"port", "logs_root", "nproc", "gpu", "ckpt"} <= set(neutral)
+    if mode == "backbone":
+        assert not set(CAUSE_FEATURES) & set(reruns), "CAUSE's options play no part in backbone mode"
+    # The identity itself names what changed, so the step says why it runs again.
+    for option in expected:
+        changed = make_config(step, head, {**given, option: other_value(option, getattr(base, option))})
+        assert option in result_settings(changed) and result_settings(changed) != result_settings(base)
+
+
+@pytest.mark.parametrize("name", ["mediator", "test_primaps"])
+def test_a_changed_option_is_refused_with_if_changed_refuse(name, backbone_file, tmp_path):
+    step = STEPS[name]
+    given = {"ckpt": backbone_file, "data_dir": tmp_path}
+    base = make_config(step, None, given)
+    changed = make_config(step, None, {**given, "seed" if step.trains else "num_pictures": 7, "if_changed": "refuse"})
+    with pytest.raises(StaleInputError, match="(seed|num_pictures): .* -> 7.*Rerun without --if_changed refuse"):
+        decision(base, changed, tmp_path)
+
+
+def test_a_step_runs_alone_on_its_artifacts_until_its_process_dies(tmp_path):
+    lock = tmp_path / "CAUSE" / "x" / ".mediator.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+            from utils.runtime.locks import exclusive
+            with exclusive({str(lock)!r}, "mediator"):
+                print("holding", flush=True)
+                time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(BusyError, match=f"mediator is being run by another process right now \\(PID {holder.pid} "):
+            with exclusive(lock, "mediator"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # Killed outright, it leaves its lock file, but not its lock: the next run goes ahead, and cleans up.
+    with exclusive(lock, "mediator"):
+        assert lock.read_text().startswith(f"PID {os.getpid()} ")
+    assert not lock.exists()
+
+
+def test_a_second_run_of_a_step_stops_at_once_naming_the_first(tmp_path, capsys):
+    data_dir, ckpt = make_tiny_setup(tmp_path, n_train=1, n_val=1)
+    args = step_args(data_dir, ckpt, tmp_path, extra=["--max_steps", "1"])
+    lock = tmp_path / "CAUSE/cocostuff27/modularity/dino_vit_tiny_8/16/.mediator.lock"
+    capsys.readouterr()
+    with exclusive(lock, "a test holding the mediator"):
+        with pytest.raises(SystemExit) as stopped:
+            run_step("mediator", None, args)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"PID {os.getpid()}" in error and "is being run by another process" in error
+    assert not (tmp_path / "CAUSE/cocostuff27/modularity/dino_vit_tiny_8/16/modular.npy").exists()

@@ -1,0 +1,94 @@
+"""PriMaPs-EM's initial prototypes in backbone mode (docs/primaps.md §2): a PCA of the patch features,
+then cosine k-means; a step of its own (`primaps_init`) that train_primaps.py runs first in backbone
+mode, with its artifact, record and resume state."""
+import torch
+
+from modules.primaps import Prototypes, kmeans_loss, pca_directions
+from modules.randomness import mixed_seed
+from utils.engine.loop import Training, fit, progress, row_counts, training_data
+from utils.engine.optim import Precision, optimizer_step
+from utils.engine.status import write_artifact_records
+from utils.engine.trained import Features, mask_backbone
+from utils.runtime.distributed import BatchGroup, broadcast_parameters
+from utils.runtime.io import save_torch
+
+PCA_SEED = 93  # with the run's seed, seeds the initial PCA's random projection
+
+
+class KMeansTraining(Training):
+    """One optimiser step of the backbone mode's initialisation: hard cosine k-means of the patch
+    features (docs/primaps.md §2 (b)); the probe's prototypes are its weight_v (g plays no part)."""
+
+    def __init__(self, features, probe, optimizer, precision, group):
+        super().__init__()
+        self.features, self.probe, self.optimizer = features, probe, optimizer
+        self.precision, self.group = precision, group
+
+    def losses(self, batch, random):
+        found = self.features(batch["img"])
+        pixels = random.share.global_rows * found.shape[-2] * found.shape[-1]
+        loss = kmeans_loss(self.probe.cosine(found), pixels)
+        return {"loss": loss, "mean_nearest_cosine": -loss}
+
+    def update(self, losses, random):
+        optimizer_step(losses["loss"], [self.optimizer], self.precision, self.group, [self.probe.weight_v])
+        self.steps_done += 1
+
+    def parts(self):
+        return {"probe": self.probe, "optimizer": self.optimizer, "scaler": self.precision.scaler}
+
+
+@torch.no_grad()
+def pca_start(ctx, features, dataset):
+    """The first K of 2K principal directions of all patch features of the first --pca_batches global
+    batches of the first epoch's order, [K, C], on rank 0 (others: None). Each process computes its
+    rows of a batch; rank 0 gathers them in batch order, so under the paper recipe the result does not
+    depend on the process count (docs/primaps.md §2 (a)); under the scaled one rank 0 reads its own
+    batches. It holds every feature at once (README: memory)."""
+    cfg, recipe = ctx.cfg, ctx.recipe
+    loader, sampler = training_data(ctx, cfg.train_resolution, dataset)
+    sampler.set_epoch(0)
+    group = BatchGroup(recipe.shared_batch)
+    batches = min(cfg.pca_batches, len(sampler))
+    patches = (cfg.train_resolution // cfg.patch) ** 2
+    rows = sum(sampler.share(index).global_rows for index in range(batches)) * patches
+    # Filled in place: a list of batches joined at the end would hold every feature twice.
+    samples = torch.empty(rows, cfg.dim) if ctx.dist.is_main else None
+    filled = 0
+    for index, _, batch in progress(ctx, loader, f"[{ctx.label}] features for the PCA", batches):
+        group.set_rows(row_counts(recipe, sampler.share(index)))
+        found = group.gather(features(batch["img"])).permute(0, 2, 3, 1).reshape(-1, cfg.dim)
+        if ctx.dist.is_main:
+            samples[filled:filled + len(found)] = found.cpu()
+            filled += len(found)
+    if not ctx.dist.is_main:
+        return None
+    print(f"[{ctx.label}] PCA of {rows} patch features of width {cfg.dim}")
+    samples = samples.to(ctx.device)
+    directions = pca_directions(samples, cfg.n_classes, seed=mixed_seed(cfg.seed, PCA_SEED))
+    # A direction's sign is rounding noise (modules/primaps.pca_directions: another thread count or
+    # machine flips some), yet the k-means starts from it: point each one to its largest component.
+    largest = directions.gather(1, directions.abs().argmax(dim=1, keepdim=True))
+    return directions * largest.sign()
+
+
+def work(ctx):
+    cfg = ctx.cfg
+    torch.manual_seed(cfg.seed)
+    precision = Precision(cfg.precision, ctx.device)
+    features = Features(mask_backbone(cfg, ctx.device), None, precision)
+    probe = Prototypes(cfg.dim, cfg.n_classes).to(ctx.device)
+    if not ctx.files.resume_state.is_file():  # a resumed run has its prototypes in the resume state
+        directions = pca_start(ctx, features, None)
+        if directions is not None:
+            probe.set_directions(directions)
+        broadcast_parameters(probe)
+    optimizer = torch.optim.Adam([probe.weight_v], lr=ctx.recipe.lr)
+    training = KMeansTraining(features, probe, optimizer, precision, BatchGroup(ctx.recipe.shared_batch))
+
+    def save(ctx, epochs_done):
+        save_torch(probe.state_dict(), ctx.paths.primaps_init)
+        write_artifact_records(ctx, [ctx.paths.primaps_init], epochs_done)
+
+    fit(ctx, training, cfg.train_resolution, save)
+    return str(ctx.paths.primaps_init)

@@ -1,0 +1,179 @@
+"""Whether a step must run: its identity, the "already done" decision, and the records it writes.
+
+A step's identity is what its result depends on: the values of its result-changing options
+(utils/runtime/config.result_settings) and its recipe, the fingerprints of the backbone file, of the
+data files it reads and of the earlier artifacts it reads (with the run that made them). A step is
+already done when the record of its main artifact says its run finished with exactly the current
+identity and its artifacts are what that run wrote; otherwise it says what changed and runs again
+(or, with --if_changed refuse, stops). An unfinished run's resume state is continued when it was
+made with the same settings (utils/engine/resume.py).
+"""
+import sys
+from pathlib import Path
+
+from loader import split_files
+from models import CheckpointError
+from utils.runtime.config import ConfigError, result_settings
+from utils.runtime.distributed import torchrun_rank
+from utils.engine import resume
+from utils.runtime.records import (FingerprintCache, StaleInputError, differences, identity_of, now, project_version,
+                                   read_record, upstream_entry, write_record)
+from utils.runtime.steps import STEPS, command_of
+
+
+def say(text):
+    """Print once per launch (rank 0 of a torchrun launch)."""
+    if torchrun_rank() == 0:
+        print(text)
+
+
+def uses_backbone(step):
+    return "ckpt" in step.options
+
+
+def fingerprint_cache(cfg):
+    """The cache of the file hashes a step takes: in the output folder of a step that writes there,
+    else (the crop step) in the data folder, beside its artifacts."""
+    root = cfg.output_root if "output_root" in STEPS[cfg.step].options else cfg.data_dir
+    return FingerprintCache(Path(root) / ".fingerprints.json")
+
+
+def require_backbone_file(cfg):
+    if not Path(cfg.ckpt).is_file():
+        raise CheckpointError(f"backbone checkpoint {cfg.ckpt} does not exist: put the release file at "
+                              f"checkpoint/<arch>.pth (e.g. checkpoint/dino_vit_base_8.pth) or pass --ckpt")
+
+
+def upstream_inputs(cfg, paths, fingerprints):
+    """{name: upstream entry} of the earlier artifacts `cfg.step` reads (utils/runtime/records.py); stops
+    at a missing one, naming the command that makes it."""
+    upstream = {}
+    for name, wanted in STEPS[cfg.step].upstream(cfg, paths).items():
+        made_by = command_of(wanted.step, cfg)
+        if not wanted.path.exists():
+            raise StaleInputError(f"{wanted.path} does not exist: run {made_by} first (or place the released "
+                                  f"file there)")
+        upstream[name] = upstream_entry(wanted.path, made_by, fingerprints)
+    return upstream
+
+
+def data_files(cfg, split):
+    """The image and label files `cfg.step` reads of `split`: what its data fingerprint covers. Listing
+    them checks the layout (DatasetLayoutError naming what is missing)."""
+    images, labels = split_files(cfg.dataset, cfg.data_dir, split, STEPS[cfg.step].train_set)
+    return images + labels
+
+
+def identity(cfg, recipe, fingerprints, files, upstream):
+    """Everything the step's result depends on (see the module's doc); `files`: {split: data files}."""
+    step = STEPS[cfg.step]
+    found = {"settings": {**result_settings(cfg), **(recipe.settings() if recipe else {})},
+             "data": {split: fingerprints.file_list(listed, cfg.data_dir, timed=step.timed_sources)
+                      for split, listed in files.items()},
+             "upstream": {name: identity_of(entry) for name, entry in upstream.items()}}
+    if uses_backbone(step):
+        found["backbone"] = {"arch": cfg.arch, "fingerprint": fingerprints.file(cfg.ckpt)}
+    return found
+
+
+def released(cfg, label, outputs):
+    """True, after saying so, when the step's main artifact exists without a record of how it was made
+    (a released file, or one made by another program, such as STEGO's crops): it is used as it is,
+    whatever its inputs (they need not exist)."""
+    main = Path(outputs[0])
+    if cfg.restart or not main.exists() or read_record(main) is not None:
+        return False
+    say(f"[{label}] {main} exists without a record of how it was made (a released file, or made by another "
+        f"program): skipping the step and using it as it is. Pass --restart to make it again.")
+    return True
+
+
+def decide_to_run(cfg, label, outputs, files, found, fingerprints):
+    """False when the step's output is up to date; prints why a step runs again. `files`: the run's
+    RunFiles (its resume state), `found`: its identity now."""
+    main = Path(outputs[0])
+    saved = resume.describe(files) if STEPS[cfg.step].trains else None
+    if cfg.restart:
+        resume.discard(files)
+        return True
+    if saved is not None:
+        changed_settings = differences(saved["identity"]["settings"], found["settings"])
+        if changed_settings:
+            raise ConfigError(
+                f"[{label}] the unfinished run saved in {saved['path']} used other settings "
+                f"({'; '.join(changed_settings)}): rerun with those settings to resume it, or pass --restart "
+                f"to start over")
+        changed_inputs = _changed_inputs(saved["identity"], found)
+        if not changed_inputs:
+            return True
+        _stale(cfg, label, f"the unfinished run in {saved['path']}", changed_inputs)
+        resume.discard(files)
+        return True
+    if not main.exists():
+        return True
+    record = read_record(main)
+    changed = differences(record.get("identity", {}), found)
+    recorded = record.get("artifacts", {})
+    damaged = [str(p) for p in outputs
+               if not Path(p).exists() or (str(p) in recorded and fingerprints.artifact(p) != recorded[str(p)])]
+    if damaged:
+        say(f"[{label}] {', '.join(damaged)} is not what its run wrote (missing, damaged or replaced); running the "
+            f"step again")
+        return True
+    if record.get("complete") and not changed:
+        say(f"[{label}] {main} is up to date (made from the same inputs and settings); skipping. "
+            f"Pass --restart to make it again.")
+        return False
+    if record.get("complete"):
+        _stale(cfg, label, str(main), changed)
+    else:
+        say(f"[{label}] {main} comes from an unfinished run without a resume state; starting over")
+    return True
+
+
+def _changed_inputs(old, new):
+    return differences({k: v for k, v in old.items() if k != "settings"},
+                       {k: v for k, v in new.items() if k != "settings"})
+
+
+def _stale(cfg, label, what, changed):
+    message = f"[{label}] {what} was made from other inputs or settings: {'; '.join(changed)}"
+    if cfg.if_changed == "refuse":
+        raise StaleInputError(message + ". Rerun without --if_changed refuse to make it again.")
+    say(message + "; running the step again.")
+
+
+def step_record(ctx, epochs_done, artifact_fingerprints=None):
+    """The record written beside a step's artifacts: its step, identity, inputs, how far it got, how it
+    ran (recipe), and what made it (version, command)."""
+    cfg, recipe, step = ctx.cfg, ctx.recipe, STEPS[ctx.cfg.step]
+    record = {
+        "step": cfg.step, "head": cfg.head, "identity": ctx.identity,
+        "upstream": {name: {k: v for k, v in entry.items() if k != "record"} for name, entry in ctx.upstream.items()},
+        "accepted_partial": ctx.warnings, "version": project_version(), "written": now(), "run_id": ctx.run_id,
+        "command": " ".join(sys.argv),
+    }
+    if uses_backbone(step):
+        record["backbone"] = {"file": str(cfg.ckpt), **ctx.identity["backbone"]}
+    if step.trains:
+        record.update(complete=epochs_done >= cfg.epochs, epochs_done=epochs_done, epochs=cfg.epochs)
+    else:
+        record["complete"] = True
+    if recipe is not None:
+        record["recipe"] = {**recipe.record(), "samples_per_epoch": ctx.samples_per_epoch,
+                            "optimizer_steps_per_epoch": ctx.steps_per_epoch}
+    if artifact_fingerprints:
+        record["artifacts"] = artifact_fingerprints
+    return record
+
+
+def write_artifact_records(ctx, artifacts, epochs_done=None, extra=None):
+    """Write the step's record beside each of its artifacts (rank 0, after the artifacts); `extra`:
+    step-specific entries of the record."""
+    cache = fingerprint_cache(ctx.cfg)
+    fingerprints = {str(path): cache.artifact(path) for path in artifacts}
+    cache.save()
+    record = {**step_record(ctx, epochs_done, fingerprints), **(extra or {})}
+    for path in artifacts:
+        write_record(path, record)
+    return record

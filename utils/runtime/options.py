@@ -1,0 +1,170 @@
+"""Every command-line option of the steps, declared once: its flag, group, argparse settings, and
+whether it changes a step's result.
+
+Which steps take an option is said by the steps themselves (utils/runtime/steps.py), and so are the
+defaults that differ for one step (PriMaPs' batch of 32, for instance). `changes_result` is what
+makes an artifact "up to date": a step's identity holds the value of every option it takes that
+changes its result (utils/runtime/config.result_settings), and nothing else. Options marked False
+say where or how a step runs (folders, processes, workers, ports) or what it does with a finished
+result (--restart, --if_changed); what they point at (the backbone file, the data) enters the
+identity by its fingerprint instead.
+"""
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from loader import DATASETS
+from models import ARCHS
+
+HEADS = ("mlp", "tr")
+RECIPES = ("paper", "scaled")
+PRIMAPS_MODES = ("cause", "backbone")
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    group: str
+    kwargs: dict  # argparse's add_argument settings
+    changes_result: bool = True
+
+    @property
+    def flag(self):
+        return f"--{self.name}"
+
+    @property
+    def is_switch(self):
+        return self.kwargs.get("action") == "store_true"
+
+    @property
+    def default(self):
+        return self.kwargs.get("default", False if self.is_switch else None)
+
+
+def yes_no(value):
+    lowered = value.lower()
+    if lowered in ("yes", "true", "y", "1", "on"):
+        return True
+    if lowered in ("no", "false", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+
+
+_OPTIONS = (
+    # data and backbone
+    Option("dataset", "data and backbone", dict(
+        default="cocostuff27", choices=sorted(DATASETS),
+        help="the data set trained on and tested on (predict.py: its classes' names and palette)")),
+    Option("data_dir", "data and backbone", dict(
+        type=Path, default=Path(os.environ.get("CAUSE_DATA_DIR", "data")),
+        help="folder holding cocostuff/, cityscapes/, pascalvoc/, potsdam/ (README, Data)"), changes_result=False),
+    Option("ckpt", "data and backbone", dict(
+        type=Path, default=Path("checkpoint/dino_vit_base_8.pth"),
+        help="backbone release file; its name gives the arch unless --arch is given"), changes_result=False),
+    Option("arch", "data and backbone", dict(
+        default=None, choices=sorted(ARCHS), help="arch of --ckpt when its file name is not <arch>.pth")),
+    Option("dino_small_heads", "data and backbone", dict(
+        type=int, default=12, choices=(6, 12),
+        help="attention heads of DINO ViT-S: 12 as the official CAUSE code and its released heads, "
+             "6 as DINO defines it")),
+    # artifacts
+    Option("output_root", "artifacts", dict(
+        type=Path, default=Path("CAUSE"), help="folder of the trained (or released) files (README)"),
+        changes_result=False),
+    Option("results_root", "artifacts", dict(
+        type=Path, default=Path("results"), help="folder of the test steps' metrics.json and pictures"),
+        changes_result=False),
+    Option("logs_root", "artifacts", dict(type=Path, default=Path("logs"), help="folder of the TensorBoard logs"),
+           changes_result=False),
+    Option("num_codebook", "artifacts", dict(
+        type=int, default=2048, help="prototypes of the mediator's concept clusterbook")),
+    Option("reduced_dim", "artifacts", dict(
+        type=int, default=90, help="width of the segmentation head's features")),
+    Option("projection_dim", "artifacts", dict(
+        type=int, default=2048, help="width of the front door's projection head")),
+    Option("restart", "artifacts", dict(
+        action="store_true", help="redo this step from scratch: ignore its resume state and finished output"),
+        changes_result=False),
+    Option("if_changed", "artifacts", dict(
+        default="rerun", choices=("rerun", "refuse"),
+        help="when an input of this step's earlier output changed (backbone, data, an earlier step's "
+             "artifact, settings): rerun the step (default), or stop and say what changed"), changes_result=False),
+    Option("accept_partial", "artifacts", dict(
+        action="store_true",
+        help="use an earlier step's artifact written by an interrupted run (recorded as such) instead of "
+             "stopping"), changes_result=False),
+    # training
+    Option("recipe", "training", dict(
+        default="paper", choices=RECIPES,
+        help="paper: the released models' optimisation on any process count (global batch 16 split over "
+             "the processes, lr 1e-3 × 4, each epoch the quarter of the crops the official rank 0 saw); "
+             "scaled: every crop each epoch, batch 16 per process, lr 1e-3 × processes (not the paper's)")),
+    Option("epochs", "training", dict(type=int, default=None, help="epochs of training")),
+    Option("batch_size", "training", dict(
+        type=int, default=16, help="training: the global batch (paper recipe) or the batch per process "
+                                   "(scaled); test: images per forward pass; predict.py: windows per "
+                                   "forward pass")),
+    Option("lr", "training", dict(
+        type=float, default=1e-3, help="base learning rate of one official GPU; the paper recipe multiplies "
+                                       "it by 4, the scaled one by the number of processes")),
+    Option("max_steps", "training", dict(
+        type=int, default=None, help="stop each epoch after this many batches (smoke runs; recorded, so a "
+                                     "later full run does not take the result for complete)")),
+    Option("grid", "training", dict(type=yes_no, default=True, help="stochastic grid sampling (yes/no)")),
+    Option("train_resolution", "training", dict(
+        type=int, default=None,
+        help="default 320 (322 for DINOv2); the MLP head's front door and fine-tuning train at 224")),
+    Option("test_resolution", "training", dict(
+        type=int, default=None, help="default 320 (322 for DINOv2); predict.py's window size")),
+    Option("seed", "training", dict(type=int, default=0, help="seed of every random draw")),
+    Option("label_leak", "training", dict(
+        action="store_true",
+        help="let the labelled probe's loss train head_ema as the official code does (uses ground-truth "
+             "labels; only for comparing with the paper)")),
+    # processes
+    Option("precision", "processes", dict(
+        default="auto", choices=PRECISIONS,
+        help="autocast precision; auto: fp16 with loss scaling on GPU (as the official CAUSE code), fp32 on CPU")),
+    Option("gpu", "processes", dict(
+        default=None, help="GPUs to use, e.g. 0,1,2,3 (one process each; the test step and predict.py use the "
+                           "first); default: all visible, or the CPU"), changes_result=False),
+    Option("nproc", "processes", dict(
+        type=int, default=1, help="CPU processes (gloo) when no GPU is used"), changes_result=False),
+    Option("port", "processes", dict(
+        type=int, default=12355, help="rendezvous port of a --gpu/--nproc spawn"), changes_result=False),
+    Option("num_workers", "processes", dict(
+        type=int, default=min(4, os.cpu_count() or 1), help="processes that read the images"),
+        changes_result=False),
+    # evaluation
+    Option("crf_workers", "evaluation", dict(
+        type=int, default=min(8, os.cpu_count() or 1), help="processes that run the dense CRF"),
+        changes_result=False),
+    Option("num_pictures", "evaluation", dict(
+        type=int, default=100, help="val images whose predictions are saved as pictures (-1: all of them)")),
+    # PriMaPs
+    Option("mode", "PriMaPs", dict(
+        default="cause", choices=PRIMAPS_MODES,
+        help="cause: fit the prototypes to CAUSE's own features (head_ema of the trained segment module, "
+             "prototypes initialised from its cluster probe; needs the CAUSE steps' artifacts); backbone: "
+             "PriMaPs-EM on the plain backbone (DINO's 6-head ViT-S), initialised by PCA and k-means "
+             "(predict.py: the mode of the PriMaPs model --model primaps reads)")),
+    Option("head", "PriMaPs", dict(
+        default="tr", choices=HEADS, help="cause mode: the CAUSE head whose features are used")),
+    Option("threshold", "PriMaPs", dict(
+        type=float, default=0.4, help="mask proposal threshold ψ: a proposal keeps the patches whose cosine to its "
+                                      "anchor reaches ψ times the best one")),
+    Option("init_epochs", "PriMaPs", dict(
+        type=int, default=None, help="backbone mode: epochs of the cosine k-means initialisation")),
+    Option("pca_batches", "PriMaPs", dict(
+        type=int, default=93, help="backbone mode: global batches whose patch features the initial PCA reads")),
+    Option("keep_best_on_val", "PriMaPs", dict(
+        action="store_true",
+        help="keep the epoch whose θ_M scores the best val mIoU, as the official code does, instead of the last "
+             "one: this selects the model with the val labels")),
+)
+
+OPTIONS = {option.name: option for option in _OPTIONS}
+# Counts that must be positive (or, for num_workers, not negative) whatever the step.
+POSITIVE = ("epochs", "max_steps", "nproc", "batch_size", "init_epochs", "pca_batches", "crf_workers")
