@@ -55,17 +55,17 @@ class ForeignObject:
     """An inert stand-in for an instance of a foreign class: it keeps the state the pickle gives it.
 
     torch's unpickler makes it with `cls.__new__(cls)` and hands it its state (BUILD) through
-    `__setstate__`; a pickle that calls the class instead (REDUCE) only stores the arguments.
-    `__getstate__` gives the state back, so models/stand_in.py writes the foreign layout with it.
+    `__setstate__`; a pickle that calls the class instead (REDUCE) gets an object without state, which
+    `plain` refuses. `__getstate__` gives the state back, so models/stand_in.py writes the foreign
+    layout with it.
     """
 
     foreign_name = ""
     kind = ""
     state = None
-    args = ()
 
     def __init__(self, *args):
-        self.args = args
+        pass  # the arguments of a pickled call are not kept: no foreign object is built by a call
 
     def __setstate__(self, state):
         self.state = state

@@ -133,14 +133,16 @@ class Reducing:
         return self.function, (self.argument,)
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 @pytest.mark.parametrize("function, name", [(os.system, os.system.__module__ + ".system"),
                                             (builtins.eval, "builtins.eval"),
                                             (getattr, "builtins.getattr")])
-def test_file_naming_a_dangerous_global_is_refused_without_running_it(tmp_path, function, name):
+def test_file_naming_a_dangerous_global_is_refused_without_running_it(tmp_path, function, name, zip_format):
     marker = tmp_path / "ran"
     argument = f"touch {marker}" if function is os.system else f"open({str(marker)!r}, 'w')"
     path = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.ones(1)}, "args": Reducing(function, argument)}, path)
+    torch.save({"model": {"w": torch.ones(1)}, "args": Reducing(function, argument)}, path,
+               _use_new_zipfile_serialization=zip_format)
     with pytest.raises(RefusedGlobalError) as err:
         safe_load(path)
     message = str(err.value)
@@ -165,6 +167,9 @@ def test_mae_release_with_pickled_namespace_loads_and_a_dangerous_one_is_refused
     loaded = safe_load(path)
     assert loaded["args"] == {"model": "mae_vit_base_patch16", "norm_pix_loss": True}
     assert convert_checkpoint("mae", loaded).keys() == {"cls_token"}
+    legacy = tmp_path / "legacy.pth"  # torch < 1.6's format
+    torch.save({"model": weights, "args": argparse.Namespace(lr=1.0)}, legacy, _use_new_zipfile_serialization=False)
+    assert safe_load(legacy)["args"] == {"lr": 1.0}
     torch.save({"model": weights, "args": Reducing(builtins.eval, "1 + 1")}, path)
     with pytest.raises(RefusedGlobalError, match=r"mae_vit_base_16\.pth names the global builtins\.eval,"):
         load_backbone(path)
@@ -491,3 +496,12 @@ def test_primaps_strict_loading(tmp_path):
 
 def test_errors_are_user_errors():
     assert issubclass(SotaFileError, UserError) and issubclass(RefusedGlobalError, UserError)
+
+
+def test_allowed_class_called_by_the_pickle_is_refused(tmp_path):
+    """A pickle may call an allowed class instead of building it from its state: nothing is built."""
+    path = tmp_path / "called.ckpt"
+    config_class = STAND_INS["omegaconf.dictconfig.DictConfig"]
+    save_foreign({"cfg": Reducing(config_class, "x")}, path)
+    with pytest.raises(FileLoadError, match="without its '_content' entry"):
+        safe_load(path)
