@@ -5,13 +5,13 @@ file's object into a state dict with ViTBackbone's names, dropping by rule the k
 never uses. Whatever is still missing, unexpected or misshapen after that is refused: a wrong or
 mislabelled file must not load half its weights silently, as the official strict=False loading does.
 """
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from .registry import ARCHS, CheckpointError, resolve_arch
+from .safe_load import safe_load
 from .vit import build_backbone
 
 # What each family's release file holds at its top level.
@@ -130,15 +130,6 @@ def _check_fits(sd, backbone, path):
         )
 
 
-def _read(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # MAE releases also pickle their training options (an argparse.Namespace), which the
-        # tensors-only unpickler refuses: such files are read in full, so trust their source.
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def load_backbone(ckpt_path, arch=None, dino_small_heads=12):
     """The frozen backbone with the weights of a release file.
 
@@ -153,7 +144,9 @@ def load_backbone(ckpt_path, arch=None, dino_small_heads=12):
     arch = resolve_arch(path, arch)
     family = ARCHS[arch].family
     try:
-        sd = convert_checkpoint(family, _read(path))
+        # safe_load: MAE releases also pickle their training options (an argparse.Namespace), which it
+        # reads as a dict; a file naming anything outside its allow-list is refused, nothing in it runs.
+        sd = convert_checkpoint(family, safe_load(path))
     except CheckpointError as err:
         raise CheckpointError(f"{path} cannot be the {arch} backbone: {err}") from None
     # Built on the meta device and given the file's tensors: a random init would be thrown away,

@@ -41,6 +41,27 @@ ARCHS = {
 }
 
 
+# How other code bases name these archs (docs/sota.md §1, §3b).
+# DINO's vision_transformer.py names its ViTs by width (STEGO's and HP's cfg `model_type`; official STEGO
+# and HP build only vit_small and vit_base; vit_tiny is what the ViT-Tiny stand-ins name themselves).
+DINO_MODEL_TYPES = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
+# PriMaPs' --backbone-arch, a torch.hub name without the patch, -> this project's arch without it;
+# dino_vitt names the ViT-Tiny stand-ins (no hub model has it).
+PRIMAPS_BACKBONES = {"dino_vitt": "dino_vit_tiny", "dino_vits": "dino_vit_small", "dino_vitb": "dino_vit_base",
+                     "dinov2_vits": "dinov2_vit_small", "dinov2_vitb": "dinov2_vit_base"}
+
+
+def dino_model_type(arch):
+    """STEGO's and HP's `model_type` of a DINO arch (vit_small for dino_vit_small_8)."""
+    return next(name for name, dim in DINO_MODEL_TYPES.items() if dim == ARCHS[arch].dim)
+
+
+def primaps_backbone_arch(arch):
+    """PriMaPs' --backbone-arch of an arch (dino_vits for dino_vit_small_8)."""
+    stem = arch.rsplit("_", 1)[0]
+    return next(name for name, ours in PRIMAPS_BACKBONES.items() if ours == stem)
+
+
 def resolve_arch(ckpt_path, arch=None):
     """The arch of a backbone checkpoint: `arch` when given, else the file's stem.
 

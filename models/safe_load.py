@@ -1,0 +1,242 @@
+"""Reading `torch.save` and Lightning files from the internet without running anything they name
+(docs/sota.md §4).
+
+`safe_load(path)` is `torch.load(path, map_location="cpu", weights_only=True)` with an allow-list of
+the foreign globals that released files of this project's sources hold. torch's weights-only
+unpickler never imports a name from a file: every global it meets must be one torch allows (tensors,
+storages, dtypes, OrderedDict, ...) or one registered through `torch.serialization.safe_globals`.
+Here each allowed foreign name is registered as an inert stand-in (a class or function defined in
+this module whose `__module__` and `__qualname__` are the foreign name; torch keys its list by those),
+so neither omegaconf nor Lightning need be installed, and a stand-in only keeps the state the pickle
+hands it. After loading, `plain` turns the stand-ins into plain data, so callers see only dicts, lists,
+strings, numbers, tensors and None. Any other global stops the load: `RefusedGlobalError` names the
+file and the global, and nothing the file names has run (torch refuses a global when it reads it).
+
+What the allow-list (`FOREIGN_GLOBALS`) holds, and what each name becomes:
+- OmegaConf 2.0-2.3 containers, `omegaconf.dictconfig.DictConfig` and `omegaconf.listconfig.ListConfig`
+  (STEGO's pickled hydra cfg): their pickled state keeps the entries under `_content`, a dict (or
+  list) of child containers and value nodes, or None for a None container, or a string for an
+  interpolation or "???"; they become dicts and lists.
+- OmegaConf value nodes, `omegaconf.nodes.{AnyNode, StringNode, IntegerNode, FloatNode, BooleanNode,
+  BytesNode, InterpolationResultNode}`: their state keeps the value under `_val`; they become it.
+  Interpolations (`"${dim}"`) and missing values (`"???"`) stay the strings OmegaConf stores.
+- What an OmegaConf metadata record references: the records `omegaconf.base.{ContainerMetadata,
+  Metadata}` (dropped with the containers they describe), the type objects they record (`typing.Any`,
+  `builtins.{dict, list, int, str, float, bool}`: their names) and `collections.defaultdict`, the
+  type of their resolver cache (an empty dict).
+- Lightning 1.x callback classes, which key `callbacks` in files written by Lightning 1.2-1.4
+  (`pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`, `...early_stopping.EarlyStopping`,
+  `...timer.Timer`, `...finetuning.BaseFinetuning`, `...finetuning.BackboneFinetuning`: the callbacks
+  whose state Lightning saves): their qualified names.
+- `argparse.Namespace` (PriMaPs' stored training options, MAE's pickled arguments): a dict of its
+  attributes.
+A file that needs anything else (a numpy scalar, a pathlib path, another class) is refused.
+"""
+import pickle
+import pickletools
+import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections.abc import Mapping
+
+import torch
+
+from errors import UserError
+
+
+class FileLoadError(UserError):
+    """A file that cannot be read: not a complete torch file, or one holding what may not be loaded."""
+
+
+class RefusedGlobalError(FileLoadError):
+    """A file whose pickle names a global outside the allow-list."""
+
+
+class ForeignObject:
+    """An inert stand-in for an instance of a foreign class: it keeps the state the pickle gives it.
+
+    torch's unpickler makes it with `cls.__new__(cls)` and hands it its state (BUILD) through
+    `__setstate__`; a pickle that calls the class instead (REDUCE) gets an object without state, which
+    `plain` refuses. `__getstate__` gives the state back, so models/stand_in.py writes the foreign
+    layout with it.
+    """
+
+    foreign_name = ""
+    kind = ""
+    state = None
+
+    def __init__(self, *args):
+        pass  # the arguments of a pickled call are not kept: no foreign object is built by a call
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __getstate__(self):
+        return self.state
+
+    @classmethod
+    def with_state(cls, state):
+        obj = cls.__new__(cls)
+        obj.state = state
+        return obj
+
+
+class ForeignLayoutError(ValueError):
+    """A foreign object whose pickled state is not the layout this module reads (reported with the file)."""
+
+
+_OMEGACONF_NODES = ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode",
+                    "InterpolationResultNode")
+_TYPE_NAMES = ("typing.Any", "builtins.dict", "builtins.list", "builtins.int", "builtins.str", "builtins.float",
+               "builtins.bool")
+_LIGHTNING_CALLBACKS = ("model_checkpoint.ModelCheckpoint", "early_stopping.EarlyStopping", "timer.Timer",
+                        "finetuning.BaseFinetuning", "finetuning.BackboneFinetuning")
+
+# The allow-list: foreign global -> what it becomes (see the module docstring).
+FOREIGN_GLOBALS = {
+    "omegaconf.dictconfig.DictConfig": "dict_config",
+    "omegaconf.listconfig.ListConfig": "list_config",
+    **{f"omegaconf.nodes.{node}": "value_node" for node in _OMEGACONF_NODES},
+    "omegaconf.base.ContainerMetadata": "metadata",
+    "omegaconf.base.Metadata": "metadata",
+    **{name: "name" for name in _TYPE_NAMES},
+    **{f"pytorch_lightning.callbacks.{name}": "name" for name in _LIGHTNING_CALLBACKS},
+    "collections.defaultdict": "resolver_cache",
+    "argparse.Namespace": "namespace",
+}
+
+
+def foreign_class(name, kind="name"):
+    """A stand-in class registered (or written, by models/stand_in.py) under the foreign `name`."""
+    module, _, qualname = name.rpartition(".")
+    return type(qualname, (ForeignObject,), {"__module__": module, "__qualname__": qualname,
+                                             "foreign_name": name, "kind": kind})
+
+
+def _stand_in(name, kind):
+    if kind != "resolver_cache":
+        return foreign_class(name, kind)
+
+    def empty_resolver_cache(*args):
+        """Stands in for `collections.defaultdict(dict)`, OmegaConf's resolver cache: an empty dict
+        (a pickled defaultdict is a call of the class, then its items, if any, set one by one)."""
+        return {}
+
+    module, _, qualname = name.rpartition(".")
+    empty_resolver_cache.__module__, empty_resolver_cache.__name__ = module, qualname
+    empty_resolver_cache.__qualname__ = qualname
+    return empty_resolver_cache
+
+
+STAND_INS = {name: _stand_in(name, kind) for name, kind in FOREIGN_GLOBALS.items()}
+
+
+def _content(obj, key):
+    if not isinstance(obj.state, Mapping) or key not in obj.state:
+        raise ForeignLayoutError(f"a pickled {obj.foreign_name} without its {key!r} entry")
+    return obj.state[key]
+
+
+def _plain_foreign(obj):
+    kind = obj.kind
+    if kind == "dict_config":
+        content = _content(obj, "_content")
+        return {plain(k): plain(v) for k, v in content.items()} if isinstance(content, Mapping) else content
+    if kind == "list_config":
+        content = _content(obj, "_content")
+        return [plain(v) for v in content] if isinstance(content, list) else content
+    if kind == "value_node":
+        return plain(_content(obj, "_val"))
+    if kind == "namespace":
+        return {k: plain(v) for k, v in (obj.state or {}).items()}
+    raise ForeignLayoutError(f"a pickled instance of {obj.foreign_name}, which files hold only as a name")
+
+
+def plain(obj):
+    """`obj` with every stand-in turned into plain data (see the module docstring); classes become their
+    qualified names, so that Lightning's callback classes key `callbacks` by a string."""
+    if isinstance(obj, ForeignObject):
+        return _plain_foreign(obj)
+    if isinstance(obj, type):
+        return getattr(obj, "foreign_name", "") or f"{obj.__module__}.{obj.__qualname__}"
+    if isinstance(obj, Mapping):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [plain(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(plain(v) for v in obj)
+    return obj
+
+
+def _pickled_globals(path):
+    """The globals the file's object pickle names, in order, as torch reads them (protocol-2 names
+    mapped to Python 3's); read with pickletools, which only decodes the opcodes."""
+    def from_stream(stream):
+        for opcode, arg, _ in pickletools.genops(stream):
+            if opcode.name in ("GLOBAL", "INST"):
+                module, name = arg.split(" ", 1)
+                module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+                yield f"{module}.{name}"
+
+    found = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+                found.extend(from_stream(archive.read(name)))
+        else:
+            with open(path, "rb") as stream:
+                # torch's legacy format: magic number, protocol version, system info, then the object.
+                for _ in range(4):
+                    found.extend(from_stream(stream))
+    except (ValueError, StopIteration, zipfile.BadZipFile, EOFError):
+        pass  # a damaged pickle: what was found before the damage is all there is to name
+    return found
+
+
+# Globals torch's weights-only unpickler allows by itself: the ones a refusal cannot have been about.
+_TORCH_OWN = ("collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.bytearray",
+              "builtins.set", "builtins.complex")
+
+
+def _refused_global(path):
+    for name in _pickled_globals(path):
+        if name not in FOREIGN_GLOBALS and name not in _TORCH_OWN and not name.startswith("torch."):
+            return name
+    return None
+
+
+def _torch_reason(err):
+    """The line of torch's weights-only message that says what it refused."""
+    text = str(err)
+    marker = "WeightsUnpickler error: "
+    reason = text[text.index(marker) + len(marker):] if marker in text else text
+    return reason.splitlines()[0] if reason else type(err).__name__
+
+
+def safe_load(path):
+    """The object a `torch.save` / Lightning file holds, on CPU, with foreign objects as plain data.
+
+    FileLoadError for a file torch cannot read (truncated, damaged, not a torch file);
+    RefusedGlobalError, naming the file and the global, for a file that names a global outside
+    FOREIGN_GLOBALS (e.g. `os.system`, `builtins.eval`)."""
+    try:
+        with torch.serialization.safe_globals(list(STAND_INS.values())):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _refused_global(path)
+        if refused is not None:
+            raise RefusedGlobalError(
+                f"{path} names the global {refused}, which is not on the allow-list of foreign objects a "
+                f"file may hold (nothing was run): only tensors, plain containers, OmegaConf configs, "
+                f"Lightning callback states and argparse.Namespace are read") from None
+        raise FileLoadError(f"{path} cannot be read as a torch file without running code: "
+                            f"{_torch_reason(err)}") from None
+    except (EOFError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err) and "zip" not in str(err):
+            raise
+        raise FileLoadError(f"{path} is not a complete torch file (truncated or damaged?): "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    try:
+        return plain(obj)
+    except ForeignLayoutError as err:
+        raise FileLoadError(f"{path} holds {err}, a layout this project does not read") from None
