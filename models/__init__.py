@@ -1,4 +1,4 @@
-"""Frozen self-supervised ViT backbones (SPEC §1): the arch registry, the model, release-file loading."""
+"""Frozen self-supervised ViT backbones (docs/cause.md §1): the arch registry, the model, release-file loading."""
 from .checkpoints import convert_checkpoint, load_backbone
 from .registry import ARCHS, FAMILIES, ArchSpec, CheckpointError, resolve_arch
 from .stand_in import stand_in_image, stand_in_release, stand_in_state_dict

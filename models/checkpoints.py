@@ -1,6 +1,6 @@
 """Backbone release files: read them, convert each release layout to ViTBackbone's names, load strictly.
 
-Each family's release has its own layout (SPEC §1); one pure converter per layout turns the
+Each family's release has its own layout (docs/cause.md §1); one pure converter per layout turns the
 file's object into a state dict with ViTBackbone's names, dropping by rule the keys the backbone
 never uses. Whatever is still missing, unexpected or misshapen after that is refused: a wrong or
 mislabelled file must not load half its weights silently, as the official strict=False loading does.

@@ -1,4 +1,4 @@
-"""The backbone archs CAUSE runs on (SPEC §1) and how a checkpoint file names its arch."""
+"""The backbone archs CAUSE runs on (docs/cause.md §1) and how a checkpoint file names its arch."""
 from dataclasses import dataclass
 from pathlib import Path
 

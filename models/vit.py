@@ -14,7 +14,7 @@ from .registry import ARCHS
 
 
 def resample_pos_embed(pos_embed, grid, pretrain_grid, family):
-    """The positional embedding `[1, 1 + gh*gw, dim]` for a (gh, gw) patch grid (SPEC §1).
+    """The positional embedding `[1, 1 + gh*gw, dim]` for a (gh, gw) patch grid (docs/cause.md §1).
 
     The rules are the official implementations' ones, numbers included: dino, dinov2, ibot and
     mae resample bicubically with a scale factor of (side + 0.1) / n per axis, msn with

@@ -10,7 +10,7 @@ import pytest
 from loader import DatasetInfo
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_FILES = sorted(p for p in ROOT.rglob("*.py") if not p.relative_to(ROOT).parts[0] in ("tests", ".venv", "demo"))
+RUNTIME_FILES = sorted(p for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0] not in ("tests", ".venv", "demo"))
 
 
 def imported_modules(path):
@@ -73,7 +73,8 @@ CITATION = re.compile(r"docs/(\w+)\.md §(\d+[a-z]?)")
 
 def test_comments_cite_only_the_projects_own_documents_and_each_cited_section_exists():
     sources = RUNTIME_FILES + sorted((ROOT / "tests").glob("*.py"))
-    outside = {str(p.relative_to(ROOT)) for p in sources if p.name != "test_layout.py" and OUTSIDE.search(p.read_text())}
+    outside = {str(p.relative_to(ROOT)) for p in sources
+               if p.name != "test_layout.py" and OUTSIDE.search(p.read_text())}
     assert not outside, "cite docs/<file>.md §N, not files outside the repository or tracker numbers"
     sections = {}
     for doc in (ROOT / "docs").glob("*.md"):

@@ -7,12 +7,11 @@ it was made with, which the runner checks before resuming (utils/engine/status.p
 
 Nothing random is saved: every draw of a step comes from a generator seeded by (seed, epoch,
 batch), and the data order depends only on (seed, epoch). The files hold tensors and plain values
-only, and are read with `weights_only=True`.
+only, and are read as any file is (models/safe_load.py): nothing they name runs.
 """
 import json
 
-import torch
-
+from models.safe_load import safe_load
 from utils.runtime.distributed import barrier, torchrun_rank
 from utils.runtime.io import save_text, save_torch
 
@@ -56,11 +55,11 @@ class ResumeState:
         """Restore `training` from the saved state, if any; sets first_epoch."""
         if not self.path.is_file():
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = safe_load(self.path)
         training.load_state_dict(state["training"])
         bank = self._bank_path()
         if bank.is_file():
-            training.load_process_state(torch.load(bank, map_location="cpu", weights_only=True))
+            training.load_process_state(safe_load(bank))
         self.first_epoch = state["epoch"] + 1
         if self.ctx.dist.is_main:
             print(f"[{self.ctx.label}] resuming after epoch {self.first_epoch} from {self.path}")

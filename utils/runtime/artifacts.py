@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from models.safe_load import FileLoadError, safe_load
 
 
 class ArtifactError(UserError):
@@ -43,10 +44,9 @@ def load_state_strict(module, path, kind, produced_by):
     """Load a saved state dict into `module`, refusing any missing, unexpected or reshaped entry."""
     require(path, produced_by)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle error: the message is all a user can act on
-        raise ArtifactError(f"{path} could not be read ({type(err).__name__}: {err}); "
-                            f"delete it and rerun {produced_by}") from err
+        state = safe_load(path)
+    except FileLoadError as err:
+        raise ArtifactError(f"{err}; delete it and rerun {produced_by}") from None
     if not isinstance(state, dict):
         raise ArtifactError(f"{path} should hold a state dict of a {kind}, found {type(state).__name__}")
     expected = module.state_dict()
