@@ -9,7 +9,8 @@
     test_primaps  evaluate_primaps.py  PriMaPs-EM's evaluation (PRIMAPS.md §3)
 
 predict.py (a user's own images, not a pipeline step) has its engine in predict.py, and the models
-it segments with in predictors.py.
+it segments with in predictors.py; prepare_data.py (a data set's layout from its published archives,
+before the crop step) has its engine in prepare_data.py.
 
 Each step's module has `run(cfg)`; `engine(step)` imports only the one asked for, so `--help` stays fast.
 """
