@@ -65,7 +65,7 @@ def test_each_data_set_is_prepared_end_to_end_from_its_authors_archives(publishe
     assert "already holds" in capsys.readouterr().out
 
 
-def test_steg_os_cocostuff_zip_found_in_the_download_folder_is_a_whole_source_and_can_be_removed(
+def test_stegos_cocostuff_zip_found_in_the_download_folder_is_a_whole_source_and_can_be_removed(
         published, tmp_path):
     archives, expected = published
     data_dir = tmp_path / "data"
