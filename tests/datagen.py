@@ -5,6 +5,10 @@ can be read back even after JPEG compression. Labels are random per pixel from a
 stored values, with a few planted pixels whose classes differ from one data set to
 another. Sizes are (height, width); the default 40×56 is not square on purpose.
 """
+import io
+import tarfile
+import zipfile
+
 import numpy as np
 from PIL import Image
 from scipy.io import savemat
@@ -178,3 +182,66 @@ def write_all_cropped(data_dir, seed=0):
         if info.crops is not None:
             write_cropped_dataset(name, data_dir)
     return data_dir
+
+
+def _files(folder):
+    """{path relative to folder, with '/': path} of every file under folder."""
+    return {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def pack_archive(archive, members):
+    """A zip or tar (.tar, .tar.gz) archive holding `members` ({member name: file or bytes}) in their order."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as zipped:
+            for name, source in members.items():
+                if isinstance(source, bytes):
+                    zipped.writestr(name, source)
+                else:
+                    zipped.write(source, name)
+        return archive
+    with tarfile.open(archive, "w:gz" if archive.suffix == ".gz" else "w") as tarred:
+        for name, source in members.items():
+            if isinstance(source, bytes):
+                info = tarfile.TarInfo(name)
+                info.size = len(source)
+                tarred.addfile(info, io.BytesIO(source))
+            else:
+                tarred.add(source, name)
+    return archive
+
+
+def write_archives(folder, seed=0):
+    """Every data set's published archives (loader/archives.py), in the real member layouts, holding the
+    files write_all writes under folder/"expected", with some of the files the real archives hold that
+    the steps never read (test splits, other label kinds, a Mac zip's resource forks).
+    Returns ({archive name: path}, the expected data_dir)."""
+    expected = folder / "expected"
+    write_all(expected, seed)
+    coco, city, voc, potsdam = (expected / root for root in ("cocostuff", "cityscapes", "pascalvoc", "potsdam"))
+    stem = cityscapes_stem("berlin", 0)
+    unread = b"not read by the steps"
+    archives = {
+        "train2017.zip": {f"train2017/{name}": path for name, path in _files(coco / "images" / "train2017").items()},
+        "val2017.zip": {f"val2017/{name}": path for name, path in _files(coco / "images" / "val2017").items()},
+        "stuffthingmaps_trainval2017.zip": _files(coco / "annotations"),
+        "COCOStuff164kCurated.tar.gz": {f"COCO/CocoStuff164k/curated/{name}": path
+                                        for name, path in _files(coco / "curated").items()},
+        "cocostuff.zip": {f"cocostuff/{name}": path for name, path in _files(coco).items()},
+        "leftImg8bit_trainvaltest.zip": {
+            "README": unread, "license.txt": unread, f"leftImg8bit/test/berlin/{stem}_leftImg8bit.png": unread,
+            **{f"leftImg8bit/{name}": path for name, path in _files(city / "leftImg8bit").items()}},
+        "gtFine_trainvaltest.zip": {
+            f"gtFine/test/berlin/{stem}_gtFine_labelIds.png": unread,
+            **{f"gtFine/{name.replace('_labelIds.png', suffix)}": (path if suffix == "_labelIds.png" else unread)
+               for name, path in _files(city / "gtFine").items()
+               for suffix in ("_color.png", "_instanceIds.png", "_labelIds.png", "_polygons.json")}},
+        "VOCtrainval_11-May-2012.tar": {
+            "VOCdevkit/VOC2012/Annotations/2007_000001.xml": unread,
+            "VOCdevkit/VOC2012/ImageSets/Main/train.txt": unread,
+            "VOCdevkit/VOC2012/SegmentationObject/2007_000001.png": unread,
+            **{f"VOCdevkit/{name}": path for name, path in _files(voc / "VOCdevkit").items()}},
+        "potsdam.zip": {"__MACOSX/potsdam/imgs/._tile_0.mat": unread,
+                        **{f"potsdam/{name}": path for name, path in _files(potsdam).items()}},
+    }
+    return {name: pack_archive(folder / "archives" / name, members) for name, members in archives.items()}, expected

@@ -3,6 +3,7 @@
     crop.py, mediator.py, front_door.py, fine_tune.py, evaluate.py        CAUSE (docs/cause.md)
     primaps_init.py, primaps.py (pseudo masks: primaps_masks.py), evaluate_primaps.py   PriMaPs-EM
     predict.py (predictors.py: the models it segments with)               a user's own images
+    prepare_data.py                    a data set's layout from its published archives, before the crop step
 
 Each step's engine has `work(ctx)` (and an evaluation `show_result(cfg, paths)`); its entry in the
 registry (utils/runtime/steps.py) names it. What they share, by job:

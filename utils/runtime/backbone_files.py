@@ -1,0 +1,59 @@
+"""The backbone file `--ckpt` names: a path, used as it is, or an arch name, whose release is found or fetched.
+
+`--ckpt dino_vit_base_8` looks for `checkpoint/dino_vit_base_8.pth` (the official README's place, relative
+to the working directory), then for `<cache_dir>/dino_vit_base_8.pth`, and otherwise downloads the
+authors' release (models/releases.py) to the latter (utils/runtime/download.py: progress, resume, size
+check, one download for all processes). The file keeps the layout its authors ship and is named
+`<arch>.pth`, so its arch and the artifact folders follow from its name as for any checkpoint.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from models import ARCHS, CheckpointError
+from models.releases import RELEASES
+from utils.runtime.download import DownloadError, Downloaded, download, downloaded
+
+CHECKPOINT_DIR = Path("checkpoint")
+
+
+def default_cache_dir():
+    """$XDG_CACHE_HOME/cause, or ~/.cache/cause."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cause"
+
+
+@dataclass(frozen=True)
+class BackboneFile:
+    path: Path
+    release_url: str | None  # the authors' address of the file, when --ckpt named an arch
+    download: Downloaded | None  # how this machine fetched it; None: found without a download record
+
+    def record(self):
+        """What a run's record says of the file's origin (beside its fingerprint)."""
+        return {"release_url": self.release_url, "download": self.download.record() if self.download else None}
+
+
+def backbone_file(ckpt, cache_dir=None, fetch=True, progress=True):
+    """The BackboneFile of a --ckpt value. An existing file, or a value that is no arch name, is a path
+    (a missing path is reported by the step that reads it). An arch name with a release is found or
+    downloaded (above; `fetch=False`: never downloaded, a missing file is a DownloadError saying where to
+    get it). A stand-in arch's name, which has no release, is a CheckpointError."""
+    path = Path(ckpt)
+    name = str(ckpt)
+    if path.exists() or name not in ARCHS:
+        return BackboneFile(path, None, downloaded(path))
+    if name not in RELEASES:
+        raise CheckpointError(f"{name} is a stand-in arch without released weights: pass --ckpt the path of "
+                              f"its file; the archs with a release are {', '.join(sorted(RELEASES))}")
+    release = RELEASES[name]
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached = cache_dir / f"{name}.pth"
+    for candidate in (CHECKPOINT_DIR / f"{name}.pth", cached):
+        if candidate.is_file():
+            return BackboneFile(candidate, release.url, downloaded(candidate))
+    instead = f"save it as {cached} (or as {CHECKPOINT_DIR / f'{name}.pth'})"
+    if not fetch:
+        raise DownloadError(f"the {name} release is not on this machine and downloads are off: fetch "
+                            f"{release.url} ({release.file_name}) and {instead}")
+    print(f"[backbone] {name}: downloading {release.file_name} to {cached}", flush=True)
+    return BackboneFile(cached, release.url, download(release.url, cached, release.size, progress, instead=instead))
