@@ -1,5 +1,5 @@
 """Make a data set's layout from the archives its authors publish, check it, then crop (README, First real run)."""
-from utils.runtime.cli import guarded
+from utils.cli.steps import guarded
 
 if __name__ == "__main__":
     from utils.engine.prepare_data import main

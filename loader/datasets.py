@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from errors import UserError
+from loader.archives import prepare_command
 from loader.layouts import (COCO_LIST_7, Cityscapes, CocoStuff, DataError, DatasetLayoutError, Layout,
                             PascalVoc, Potsdam, label_maps, require_files)
 from loader.transforms import ResizePair, normalise
@@ -81,7 +82,8 @@ def expected_layout(info, data_dir):
         f"{info.crops.folder}/{{img,label}}/train/{{0,1,...}}.{{jpg,png}}   "
         f"(training crops; make them with: {crop_command(info.name, data_dir)})"]
     lines = "\n".join(f"  {line}" for line in info.layout.expected() + crops)
-    return f"Expected layout under --data_dir {data_dir}:\n{lines}"
+    return (f"Expected layout under --data_dir {data_dir} (made from the published archives by: "
+            f"{prepare_command(info.name, data_dir)}):\n{lines}")
 
 
 def _layout_error(info, data_dir):

@@ -171,8 +171,8 @@ def test_an_arch_name_downloads_its_release_into_the_cache_once(server, tmp_path
     first = backbone_file("dino_vit_base_8", tmp_path / "cache", progress=False)
     assert first.path == tmp_path / "cache" / "dino_vit_base_8.pth" and first.path.read_bytes() == CONTENT
     assert resolve_arch(first.path) == "dino_vit_base_8"  # the arch and artifact folders follow from the name
-    assert first.record() == {"release_url": RELEASE.url,
-                              "download": {"url": server.base + path, "size": len(CONTENT), "sha256": sha256(CONTENT)}}
+    assert first.release_url == RELEASE.url and first.download.record() == {
+        "url": server.base + path, "size": len(CONTENT), "sha256": sha256(CONTENT)}
     again = backbone_file("dino_vit_base_8", tmp_path / "cache", progress=False)
     assert again == first and server.requests_for(path) == [None]
 

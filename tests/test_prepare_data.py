@@ -39,17 +39,17 @@ def tree(folder, leave_out=()):
 def assert_prepared(name, data_dir, expected):
     """The layout holds exactly the files the steps read, byte for byte, and the steps read it."""
     info = DATASETS[name]
-    assert tree(data_dir / info.root, leave_out=("cropped",)) == tree(expected / info.root)
-    assert not (data_dir / f".prepare-{info.root}").exists()
+    assert tree(data_dir / info.layout.root, leave_out=("cropped",)) == tree(expected / info.layout.root)
+    assert not (data_dir / f".prepare-{info.layout.root}").exists()
     for split in ("train", "val"):
         split_files(name, data_dir, split)
     item = build_dataset(name, data_dir, "train", 16)[0]
     assert item["img"].shape == (3, 16, 16) and item["label"].shape == (16, 16)
     build_dataset(name, data_dir, "val", 16)[0]
-    if info.crop_type is not None:
+    if info.crops is not None:
         crops = existing_crop_dir(info, data_dir)
-        assert crops == data_dir / info.crop_dir
-        count = len(build_source_dataset(name, data_dir, "train")) * CROPS_PER_IMAGE[info.crop_type]
+        assert crops == data_dir / info.crops.folder
+        count = len(build_source_dataset(name, data_dir, "train")) * CROPS_PER_IMAGE[info.crops.kind]
         assert len(list((crops / "img" / "train").iterdir())) == count
 
 
@@ -57,8 +57,8 @@ def assert_prepared(name, data_dir, expected):
 def test_each_data_set_is_prepared_end_to_end_from_its_authors_archives(published, tmp_path, name, capsys):
     archives, expected = published
     data_dir = tmp_path / "data"
-    root = prepare(name, data_dir, [archives[a] for a in ORIGINALS[DATASETS[name].root]], progress=False)
-    assert root == data_dir / DATASETS[name].root
+    root = prepare(name, data_dir, [archives[a] for a in ORIGINALS[DATASETS[name].layout.root]], progress=False)
+    assert root == data_dir / DATASETS[name].layout.root
     assert_prepared(name, data_dir, expected)
     capsys.readouterr()
     prepare(name, data_dir, progress=False)  # a second run finds the layout in place and extracts nothing
@@ -163,7 +163,7 @@ def test_a_damaged_archive_is_refused_with_the_fix_and_nothing_is_put_in_place(p
     name = "pascalvoc" if archive.endswith(".tar") else "potsdam3"
     with pytest.raises(PrepareError, match=f"archive {damaged} is damaged or incomplete .*: fetch it again"):
         prepare(name, tmp_path / "data", [damaged], progress=False)
-    assert not (tmp_path / "data" / DATASETS[name].root).exists()
+    assert not (tmp_path / "data" / DATASETS[name].layout.root).exists()
 
 
 def test_files_are_added_to_an_existing_root_without_replacing_any_and_the_lists_go_last(
@@ -178,8 +178,8 @@ def test_files_are_added_to_an_existing_root_without_replacing_any_and_the_lists
     moved = []
     replace = os.replace
 
-    def recording(source, destination):
-        if str(destination).startswith(str(coco)):
+    def recording(source, destination):  # the layout's files; the crop step's own writes come after
+        if str(destination).startswith(str(coco)) and not str(destination).startswith(str(coco / "cropped")):
             moved.append(os.path.relpath(destination, coco))
         replace(source, destination)
 

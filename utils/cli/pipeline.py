@@ -145,7 +145,8 @@ def main(argv=None):
     data_given = any(t.split("=")[0].endswith("data_dir") for t in rest + defaults) or os.environ.get("CAUSE_DATA_DIR")
     if not demo and not data_given and not (ROOT / "data").is_dir():
         print("No data directory configured (--data_dir, DATA_DIR, or ./data): running the demo.")
-        print("It checks the pipeline on synthetic data; see README.md for a real run.")
+        print("It checks the pipeline on synthetic data; see README.md for a real run (python prepare_data.py "
+              "--dataset cocostuff27 --data_dir DATA --download prepares a data set).")
         demo = True
     known = known_options(steps)
     last = []

@@ -1,4 +1,4 @@
-"""torchrun for the step scripts: `python -m utils.runtime.torchrun [torchrun's options] SCRIPT [options]`.
+"""torchrun for the step scripts: `python -m utils.cli.torchrun [torchrun's options] SCRIPT [options]`.
 
 The same launcher as `torchrun` (it parses the same options and calls the same code), with one
 difference: when a process met a user error (errors.UserError: it printed its one line and exited

@@ -39,7 +39,7 @@ from modules.features import upsample
 from modules.tiling import dense_feature_grid, resized, upsampled_bands, working_size
 from utils.engine.optim import Precision
 from utils.engine.predictors import LOADERS
-from utils.engine.status import fingerprint_cache
+from utils.engine.status import fingerprint_cache, with_backbone_file
 from utils.runtime.config import ConfigError, build_parser, make_config
 from utils.runtime.options import HEADS
 from utils.runtime.steps import PREDICT, STEPS
@@ -143,8 +143,9 @@ def parse_options(argv=None):
 
 
 def main(argv=None):
-    """Run predict.py; returns its exit status (user errors are raised, for utils/runtime/cli.guarded)."""
+    """Run predict.py; returns its exit status (user errors are raised, for utils/cli/steps.guarded)."""
     cfg, options = parse_options(argv)
+    cfg = with_backbone_file(cfg)
     return launch_single(lambda cfg, dist: predict(cfg, options, dist.device), cfg)
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from modules.features import flip_averaged, head_features
 from modules.probe import crf_log_probs
 from utils.engine.optim import Precision
-from utils.engine.status import require_backbone_file, upstream_inputs
+from utils.engine.status import upstream_inputs
 from utils.engine.trained import cause_modules, primaps_features, primaps_model
 from utils.runtime.paths import paths_of
 from utils.runtime.records import check_complete
@@ -74,9 +74,8 @@ class CausePredictor:
 
 
 def evaluated_inputs(cfg, fingerprints):
-    """The artifacts the evaluation `cfg` reads; stops at a missing or interrupted one with the
-    evaluation's own message."""
-    require_backbone_file(cfg)
+    """The artifacts the evaluation `cfg` reads (its backbone file found: predict.py's main resolves
+    it); stops at a missing or interrupted one with the evaluation's own message."""
     upstream = upstream_inputs(cfg, paths_of(cfg), fingerprints)
     check_complete(upstream, cfg.accept_partial)
     return upstream

@@ -24,10 +24,11 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from errors import UserError
-from loader import DATASETS, DatasetLayoutError, dataset_info, existing_crop_dir, split_files, verify_readable
+from loader import DATASETS, DatasetLayoutError, dataset_info, split_files, verify_readable
 from loader.archives import LAYOUTS
 from utils.engine.crop import write_cropped_dataset
-from utils.runtime.download import DownloadError, download, downloaded_note, exclusive_lock
+from utils.runtime.download import DownloadError, download, downloaded_note
+from utils.runtime.locks import exclusive
 
 _SKIPPED_NAMES = ("__MACOSX",)  # resource forks a Mac zip carries beside each file
 
@@ -42,27 +43,27 @@ def prepare(name, data_dir, archives=(), fetch=False, download_dir=None, remove_
     `fetch`, downloaded (see the module's docstring); check it, decode val, crop. Returns its root folder.
     `remove_archives` deletes each archive once its members are staged."""
     info = dataset_info(name)
-    layout = LAYOUTS[info.root]
+    layout = LAYOUTS[info.layout.root]
     data_dir = Path(data_dir)
     download_dir = Path(download_dir) if download_dir is not None else data_dir / "downloads"
     root = data_dir / layout.root
     data_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(data_dir / f".prepare-{layout.root}.lock",
-                        f"[prepare] waiting for another prepare_data.py writing {root}"):
+    with exclusive(data_dir / f".prepare-{layout.root}.lock", f"prepare_data.py writing {root}",
+                   waiting=f"[prepare] waiting for another prepare_data.py writing {root}"):
         if layout_problem(name, data_dir) is None:
             print(f"[prepare] {root} already holds the {name} layout")
         else:
             _assemble(name, layout, data_dir, download_dir, [Path(a) for a in archives], fetch, remove_archives,
                       progress)
         try:
-            split_files(name, data_dir, "train", cropped=False, curated_7=True)
+            split_files(name, data_dir, "train", "curated")
         except DatasetLayoutError as err:  # its first line names the missing file
             print(f"[prepare] note, for PriMaPs-EM only (it trains on its own list): {str(err).splitlines()[0]}")
         verify_readable(name, data_dir, "val", num_workers=num_workers, progress=progress)
-        if info.crop_type is None:
+        if info.crops is None:
             verify_readable(name, data_dir, "train", num_workers=num_workers, progress=progress)
-        if info.crop_type is not None and existing_crop_dir(info, data_dir) is None:
-            write_cropped_dataset(name, data_dir, num_workers=num_workers, progress=progress)
+        else:  # up to date crops are kept; the crop step says so
+            write_cropped_dataset(name, data_dir, num_workers=num_workers)
     print(f"[prepare] {name} is ready under {data_dir}")
     return root
 
@@ -70,7 +71,7 @@ def prepare(name, data_dir, archives=(), fetch=False, download_dir=None, remove_
 def layout_problem(name, data_dir):
     """Why the steps would refuse data set `name` under `data_dir` (before cropping), or None."""
     try:
-        split_files(name, data_dir, "train", cropped=False)
+        split_files(name, data_dir, "train", "images")
         split_files(name, data_dir, "val")
     except DatasetLayoutError as err:
         return str(err)
@@ -278,7 +279,7 @@ def _merge(source, target, index):
 def _describe_archives():
     lines = ["archives (put them in --download_dir or pass their paths; --download fetches the public ones):"]
     for layout in LAYOUTS.values():
-        names = ", ".join(name for name, info in DATASETS.items() if info.root == layout.root)
+        names = ", ".join(name for name, info in DATASETS.items() if info.layout.root == layout.root)
         lines.append(f"  {names}:")
         for part in layout.parts:
             choices = " or ".join(f"{a} ({layout.archives[a].size})" for a in part.archives)

@@ -13,8 +13,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from loader import verify_readable
-from utils.engine.status import (data_files, decide_to_run, fingerprint_cache, identity, released,
-                                 require_backbone_file, say, upstream_inputs, uses_backbone)
+from utils.engine.status import (data_files, decide_to_run, fingerprint_cache, identity, released, say,
+                                 upstream_inputs, uses_backbone, with_backbone_file)
 from utils.runtime.distributed import Dist, launch, launch_single, process_count, torchrun_rank
 from utils.runtime.locks import exclusive
 from utils.runtime.paths import ArtifactPaths, RunFiles, paths_of
@@ -68,7 +68,7 @@ def run_step(cfg, engine):
     if released(cfg, label, outputs):
         return _show(engine, cfg, paths)
     if uses_backbone(step):
-        require_backbone_file(cfg)
+        cfg = with_backbone_file(cfg)
     recipe = recipe_for(cfg, step.paper_gpus, process_count(cfg)) if step.trains else None
     files = run_files(cfg, outputs)
     fingerprints = fingerprint_cache(cfg)

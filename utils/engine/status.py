@@ -9,6 +9,7 @@ identity and its artifacts are what that run wrote; otherwise it says what chang
 made with the same settings (utils/engine/resume.py).
 """
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from loader import split_files
@@ -16,6 +17,8 @@ from models import CheckpointError
 from utils.runtime.config import ConfigError, result_settings
 from utils.runtime.distributed import torchrun_rank
 from utils.engine import resume
+from utils.runtime.backbone_files import backbone_file
+from utils.runtime.download import downloaded
 from utils.runtime.records import (FingerprintCache, StaleInputError, differences, identity_of, now, project_version,
                                    read_record, upstream_entry, write_record)
 from utils.runtime.steps import STEPS, command_of
@@ -38,10 +41,14 @@ def fingerprint_cache(cfg):
     return FingerprintCache(Path(root) / ".fingerprints.json")
 
 
-def require_backbone_file(cfg):
-    if not Path(cfg.ckpt).is_file():
-        raise CheckpointError(f"backbone checkpoint {cfg.ckpt} does not exist: put the release file at "
-                              f"checkpoint/<arch>.pth (e.g. checkpoint/dino_vit_base_8.pth) or pass --ckpt")
+def with_backbone_file(cfg):
+    """`cfg` with --ckpt turned into the backbone file it names: a path as it is, an arch's release found
+    or downloaded (utils/runtime/backbone_files.py); a missing file stops the step."""
+    found = backbone_file(cfg.ckpt, cfg.cache_dir, progress=torchrun_rank() == 0).path
+    if not found.is_file():
+        raise CheckpointError(f"backbone checkpoint {found} does not exist: pass --ckpt an arch name (e.g. "
+                              f"--ckpt dino_vit_base_8) for its authors' release, or the path of a release file")
+    return replace(cfg, ckpt=found)
 
 
 def upstream_inputs(cfg, paths, fingerprints):
@@ -154,7 +161,10 @@ def step_record(ctx, epochs_done, artifact_fingerprints=None):
         "command": " ".join(sys.argv),
     }
     if uses_backbone(step):
-        record["backbone"] = {"file": str(cfg.ckpt), **ctx.identity["backbone"]}
+        # Where the file came from is recorded, apart from the identity: it never makes a step rerun.
+        fetched = downloaded(cfg.ckpt)
+        record["backbone"] = {"file": str(cfg.ckpt), **ctx.identity["backbone"],
+                              "download": fetched.record() if fetched else None}
     if step.trains:
         record.update(complete=epochs_done >= cfg.epochs, epochs_done=epochs_done, epochs=cfg.epochs)
     else:

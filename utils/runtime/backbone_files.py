@@ -28,10 +28,6 @@ class BackboneFile:
     release_url: str | None  # the authors' address of the file, when --ckpt named an arch
     download: Downloaded | None  # how this machine fetched it; None: found without a download record
 
-    def record(self):
-        """What a run's record says of the file's origin (beside its fingerprint)."""
-        return {"release_url": self.release_url, "download": self.download.record() if self.download else None}
-
 
 def backbone_file(ckpt, cache_dir=None, fetch=True, progress=True):
     """The BackboneFile of a --ckpt value. An existing file, or a value that is no arch name, is a path

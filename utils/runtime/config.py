@@ -59,6 +59,7 @@ class Config:
     dataset: str
     data_dir: Path
     ckpt: Path
+    cache_dir: Path
     arch: str | None
     dino_small_heads: int | None
     output_root: Path

@@ -15,7 +15,6 @@ it holds between processes of one machine (on a network file system, as far as i
 (https://HOST/PATH): the tree `wget -x URL` writes, served by any HTTP server (`python -m http.server`),
 for machines that reach only a local mirror. urllib only; nothing here runs what it downloads.
 """
-import fcntl
 import hashlib
 import http.client
 import json
@@ -24,7 +23,6 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from tqdm import tqdm
 
 from errors import UserError
 from utils.runtime.io import save_text
+from utils.runtime.locks import exclusive
 from utils.runtime.records import now
 
 MIRROR_VARIABLE = "CAUSE_DOWNLOAD_MIRROR"
@@ -63,25 +62,6 @@ def mirrored(url):
         return url
     parts = urllib.parse.urlsplit(url)
     return f"{base.rstrip('/')}/{parts.netloc}{parts.path}"
-
-
-@contextmanager
-def exclusive_lock(path, waiting=None):
-    """Hold an exclusive fcntl lock on the file `path` (created if missing); `waiting` is printed when
-    another process holds it. The lock file stays: removing it would let two processes lock two files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting:
-                print(waiting, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sibling(target, kind):
@@ -127,7 +107,8 @@ def download(url, target, size=None, progress=True, timeout=60, instead=None):
     line names the address, the file and where it goes; an incomplete download is kept to resume.
     """
     target = Path(target)
-    with exclusive_lock(_sibling(target, "lock"), f"[download] waiting for another process fetching {target.name}"):
+    with exclusive(_sibling(target, "lock"), f"the download of {target.name}",
+                   waiting=f"[download] waiting for another process fetching {target.name}"):
         if target.is_file():  # fetched by another process while this one waited, or placed by hand
             return downloaded(target) or Downloaded(target, None, target.stat().st_size,
                                                     f"sha256:{_sha256(target).hexdigest()}")

@@ -1,4 +1,4 @@
-"""One run at a time on one step's artifacts.
+"""One run at a time on one step's artifacts (and one download of a file).
 
 A step holds an exclusive lock (fcntl.flock) on a lock file in its output folder while it runs. A
 second process that wants the same artifacts finds the lock taken and stops at once, naming the
@@ -31,8 +31,9 @@ def _missing_folders(folder):
     return missing[::-1]
 
 
-def _take(lock_file, what):
-    """An open handle of `lock_file` holding its lock; BusyError when another process holds it."""
+def _take(lock_file, what, waiting):
+    """An open handle of `lock_file` holding its lock. When another process holds it: BusyError, or
+    with `waiting` (a message, printed) wait for it."""
     while True:
         handle = open(lock_file, "a+")
         try:
@@ -40,9 +41,12 @@ def _take(lock_file, what):
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "a process that has not said who it is yet"
-            handle.close()
-            raise BusyError(f"{what} is being run by another process right now ({holder}); wait for it to "
-                            f"finish or stop it (lock: {lock_file})") from None
+            if waiting is None:
+                handle.close()
+                raise BusyError(f"{what} is being run by another process right now ({holder}); wait for it to "
+                                f"finish or stop it (lock: {lock_file})") from None
+            print(f"{waiting} ({holder})", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             if os.fstat(handle.fileno()).st_ino == os.stat(lock_file).st_ino:
                 return handle
@@ -53,14 +57,15 @@ def _take(lock_file, what):
 
 
 @contextmanager
-def exclusive(lock_file, what):
-    """Hold the lock of `lock_file` for the body; BusyError at once when another process holds it.
+def exclusive(lock_file, what, waiting=None):
+    """Hold the lock of `lock_file` for the body; BusyError at once when another process holds it, or,
+    with `waiting` (what to print then), wait for it to finish (a download others use when it is done).
     `what` names the work in the message ("front door TR (CAUSE/.../segment_tr.pth)")."""
     lock_file = Path(lock_file)
     made = _missing_folders(lock_file.parent)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        handle = _take(lock_file, what)
+        handle = _take(lock_file, what, waiting)
     except BusyError:
         _remove_empty(made)
         raise

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from loader import DATASETS
 from models import ARCHS
+from utils.runtime.backbone_files import default_cache_dir
 
 HEADS = ("mlp", "tr")
 RECIPES = ("paper", "scaled")
@@ -61,8 +62,14 @@ _OPTIONS = (
         type=Path, default=Path(os.environ.get("CAUSE_DATA_DIR", "data")),
         help="folder holding cocostuff/, cityscapes/, pascalvoc/, potsdam/ (README, Data)"), changes_result=False),
     Option("ckpt", "data and backbone", dict(
-        type=Path, default=Path("checkpoint/dino_vit_base_8.pth"),
-        help="backbone release file; its name gives the arch unless --arch is given"), changes_result=False),
+        type=Path, default=Path("dino_vit_base_8"),
+        help="backbone: an arch name (its authors' release: checkpoint/<arch>.pth, else in --cache_dir, where it "
+             "is downloaded when missing) or a release file's path (its name gives the arch unless --arch is "
+             "given)"), changes_result=False),
+    Option("cache_dir", "data and backbone", dict(
+        type=Path, default=default_cache_dir(),
+        help="where the backbone releases --ckpt names by arch are kept ($XDG_CACHE_HOME/cause or ~/.cache/cause)"),
+        changes_result=False),
     Option("arch", "data and backbone", dict(
         default=None, choices=sorted(ARCHS), help="arch of --ckpt when its file name is not <arch>.pth")),
     Option("dino_small_heads", "data and backbone", dict(

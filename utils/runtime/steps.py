@@ -147,7 +147,7 @@ def command_of(name, cfg):
 # ----------------------------------------------------------------------------------------- options
 # Groups of options, as the steps take them.
 DATA = ("dataset", "data_dir", "num_workers")
-BACKBONE = ("ckpt", "arch", "dino_small_heads")
+BACKBONE = ("ckpt", "cache_dir", "arch", "dino_small_heads")
 MODEL = (*BACKBONE, "output_root", "num_codebook", "precision", "gpu", "batch_size", "train_resolution",
          "if_changed")
 HEAD_MODEL = ("reduced_dim", "projection_dim", "test_resolution")
