@@ -126,18 +126,6 @@ def dense_feature_grid(image, feature_fn, res, patch, stride=None, batch=8, shor
     return total / weights
 
 
-def dense_feature_map(image, feature_fn, res, patch, stride=None, batch=8, short_side=None, out_size=None):
-    """Features [R, out_H, out_W] of `image` [3, H, W]: `dense_feature_grid` upsampled bilinearly to
-    `out_size` (default: the image's own H, W).
-
-    The result holds R values per output pixel (R=90 at 4000×3000 is 4.3 GB in float32); to stay
-    bounded at large sizes, take `dense_feature_grid` and `upsampled_bands` instead.
-    """
-    feature_grid = dense_feature_grid(image, feature_fn, res, patch, stride, batch, short_side)
-    out_size = tuple(image.shape[-2:]) if out_size is None else tuple(out_size)
-    return F.interpolate(feature_grid[None], size=out_size, mode="bilinear", align_corners=False)[0]
-
-
 def upsampled_bands(feature_grid, out_size, rows):
     """Yield (top, [R, ≤rows, out_W]): the bilinear upsampling of `feature_grid` [R, h, w] to
     `out_size`, `rows` output rows at a time, equal to F.interpolate's (align_corners=False).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.tiling import (
-    dense_feature_grid, dense_feature_map, to_working_scale, upsampled_bands, window_boxes, working_size,
+    dense_feature_grid, to_working_scale, upsampled_bands, window_boxes, working_size,
 )
 
 
@@ -112,26 +112,19 @@ def test_blending_is_smooth_where_window_features_disagree():
 def test_large_and_strip_images_run_batch_windows_at_a_time(height, width):
     image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(2))
     log = CallLog(_patch_features(patch=16, channels=1))
-    out = dense_feature_map(image, log, res=320, patch=16, batch=4)
-    assert out.shape == (1, height, width)
+    grid = dense_feature_grid(image, log, res=320, patch=16, batch=4)
+    h, w = working_size(height, width, 320, 16)
+    assert grid.shape == (1, h // 16, w // 16)
     assert max(shape[0] for shape in log.shapes) <= 4
     assert all(shape[1:] == (3, 320, 320) for shape in log.shapes)
-    h, w = working_size(height, width, 320, 16)
     assert sum(shape[0] for shape in log.shapes) == len(window_boxes(h, w, 320, 160))
 
 
-def test_tiny_image_gives_a_map_at_its_own_or_any_requested_size():
+def test_a_tiny_image_is_one_window_of_its_upscaled_copy():
     image = torch.rand(3, 20, 20)
-    assert dense_feature_map(image, _patch_features(patch=16), res=320, patch=16).shape == (5, 20, 20)
-    assert dense_feature_map(image, _patch_features(patch=16), res=320, patch=16, out_size=(7, 9)).shape == (5, 7, 9)
-
-
-def test_feature_map_is_the_grid_upsampled_bilinearly():
-    image = torch.rand(3, 45, 70)
-    feature_fn = _patch_features(patch=8)
-    grid = dense_feature_grid(image, feature_fn, res=32, patch=8)
-    out = dense_feature_map(image, feature_fn, res=32, patch=8, out_size=(99, 131))
-    torch.testing.assert_close(out, F.interpolate(grid[None], size=(99, 131), mode="bilinear")[0])
+    grid = dense_feature_grid(image, _patch_features(patch=16), res=320, patch=16)
+    assert grid.shape == (5, 20, 20)  # upscaled to the 320-pixel window: 20 × 20 patches
+    assert [band.shape for _, band in upsampled_bands(grid, (7, 9), 100)] == [(5, 7, 9)]
 
 
 @pytest.mark.parametrize("out_size, rows", [((99, 131), 10), ((99, 131), 1), ((8, 12), 3), ((3, 4), 2), ((5, 7), 50)])
