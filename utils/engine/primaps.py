@@ -14,6 +14,7 @@ Training reads the uncropped train images (COCO-Stuff-27: PriMaPs' curated list)
 from dataclasses import replace
 
 import torch
+from torch import nn
 
 from loader import build_dataset
 from loader.pseudo_masks import WithMasks
@@ -25,7 +26,7 @@ from modules.metrics import MatchedMetrics
 from modules.primaps import (NO_MASK, PriMaPsModel, Prototypes, class_probabilities, focal_loss, kmeans_loss,
                              mask_majority_labels, pca_directions)
 from modules.randomness import mixed_seed
-from modules.views import FLIP, VIEW_DRAWS, flip_rows, student_view
+from modules.views import AugmentedViews
 from utils.engine import evaluate
 from utils.engine.loop import (Precision, StepSpec, Upstream, fit, optimizer_step, progress, recipe_settings,
                                row_counts, run_step, training_data, validation_loader, write_artifact_records)
@@ -38,7 +39,7 @@ from utils.runtime.io import save_torch
 # The official PriMaPs code loads DINO's hub models: ViT-S with 6 heads (only DINO ViT-S depends on it).
 PRIMAPS_HEADS = 6
 FOCAL_GAMMA = 2.0
-MOMENTUM_EVERY = 10  # θ_M follows θ_R after every 10th optimiser step
+MOMENTUM_EVERY = 10  # θ_M follows θ_R after the batches that 10, 20, ... batches preceded (momentum_update_due)
 MOMENTUM_MAX_DECAY = 0.98
 PCA_SEED = 93  # with the run's seed, seeds the initial PCA's random projection
 
@@ -76,47 +77,77 @@ def training_set(cfg):
     return build_dataset(cfg.dataset, cfg.data_dir, "train", cfg.train_resolution, curated_7=True)
 
 
-class PriMaPsTraining:
-    """One optimiser step of PriMaPs-EM (PRIMAPS.md §2): the E-step labels each cached mask with θ_M's
-    majority class on the (flipped) image, the M-step fits θ_R on the student view with the focal loss;
-    the labelled linear probe on the image's features is a diagnostic. θ_M follows θ_R after every
-    MOMENTUM_EVERY-th optimiser step."""
+def momentum_update_due(batches_before):
+    """Whether θ_M follows θ_R after a batch's optimiser step, given the training batches run before that
+    batch (across epochs): the official gate `global_step > 0 and global_step % 10 == 0`, whose
+    Lightning 1.5 global_step counts the batches before the current one, so θ_M moves after the 11th,
+    21st, ... batch (docs/primaps.md §2)."""
+    return batches_before > 0 and batches_before % MOMENTUM_EVERY == 0
 
-    def __init__(self, features, model, optimizer, precision, group, n_classes, validation=None, keep_best=False):
-        self.features, self.model, self.optimizer = features, model, optimizer
+
+def all_pixels(random, labels):
+    """The pixels of the whole global batch at the labels' size: the denominator of both PriMaPs
+    cross-entropies, which count an ignored pixel as 0 (docs/primaps.md §2). Each process divides its
+    part of the sum by it, so the parts add up to the global batch's loss."""
+    return random.share.global_rows * labels.shape[-2] * labels.shape[-1]
+
+
+def probe_loss(linear, features, labels, random, n_classes):
+    """The labelled linear probe (a diagnostic) on detached features: (the cross-entropy of its logits
+    upsampled to the labels, summed over the labelled pixels and divided by all_pixels, correct, counted)."""
+    probe, correct, counted = probe_cross_entropy(linear(features), labels, n_classes)
+    return probe / all_pixels(random, labels), correct, counted
+
+
+class PriMaPsTraining:
+    """One optimiser step of PriMaPs-EM (docs/primaps.md §2): the E-step labels each cached mask with
+    θ_M's majority class on the (flipped) image, the M-step fits θ_R on the student view with the focal
+    loss; the labelled linear probe on the image's features is a diagnostic. θ_M follows θ_R when
+    `momentum_update_due`. `views` makes a step's views from its batch and draws (modules/views.py;
+    default AugmentedViews: the random flip and student view)."""
+
+    def __init__(self, features, model, lr, precision, group, n_classes, validation=None, keep_best=False,
+                 views=None):
+        self.features, self.model = features, model
         self.precision, self.group, self.n_classes = precision, group, n_classes
+        self.views = AugmentedViews() if views is None else views
         self.trained = [*model.online.parameters(), *model.linear.parameters()]
+        # One Adam where the official code has three (linear probe, cluster probe, θ_R; the cluster one
+        # holds nothing that learns here): Adam is per parameter, so the numbers are the same.
+        self.optimizer = torch.optim.Adam(self.trained, lr=lr)
         self.validation = validation
         self.keep_best = keep_best
-        self.steps_done = 0
+        self.steps_done = 0  # training batches run, across epochs: θ_M's schedule counts them
         self.best = None  # with keep_best: {"mIoU", "epoch", "model"} of the best θ_M on val so far
 
-    def losses(self, batch, random):
-        draws = random.uniform((VIEW_DRAWS,))
-        flips = draws[:, FLIP] < 0.5
-        images, labels, masks = (flip_rows(batch[name], flips) for name in ("img", "label", "mask"))
-        teacher = self.features(images)
-        student = self.features(student_view(images, draws))
-        size = images.shape[-2:]
+    def e_step(self, teacher, masks, size):
+        """θ_M's logits of the image features upsampled to `size`, and the E-step's labels: each mask's
+        majority class of their argmax, NO_MASK outside every mask."""
         with torch.no_grad():
-            predicted = upsample(self.model.momentum(teacher), size).argmax(dim=1)
-            targets = mask_majority_labels(predicted, masks.long())
+            logits = upsample(self.model.momentum(teacher), size)
+            return logits, mask_majority_labels(logits.argmax(dim=1), masks.long())
+
+    def losses(self, batch, random):
+        views = self.views(batch, random)
+        teacher = self.features(views.image)
+        student = self.features(views.student)
+        size = views.image.shape[-2:]
+        _, targets = self.e_step(teacher, views.mask, size)
         logits = upsample(self.model.online(student), size)
         # π and the denominator are the whole global batch's: each process adds its part of one loss.
-        pixels = random.share.global_rows * size[0] * size[1]
+        pixels = all_pixels(random, targets)
         mean_probability = self.group.sum(class_probabilities(logits).sum(dim=1)) / pixels
         focal = focal_loss(logits, targets, FOCAL_GAMMA, mean_probability=mean_probability, pixels=pixels)
-        probe, correct, counted = probe_cross_entropy(self.model.linear(teacher), labels, self.n_classes)
-        probe = probe / self.group.sum(counted.float().clone()).clamp_min(1)
+        probe, correct, counted = probe_loss(self.model.linear, teacher, views.label, random, self.n_classes)
         return {"loss": focal + probe, "focal": focal, "probe_cross_entropy": probe,
                 "pseudo_labelled_fraction": (targets != NO_MASK).sum().float() / pixels,
                 "correct": correct, "counted": counted}
 
     def update(self, losses, random):
         optimizer_step(losses["loss"], [self.optimizer], self.precision, self.group, self.trained)
-        self.steps_done += 1
-        if self.steps_done % MOMENTUM_EVERY == 0:
+        if momentum_update_due(self.steps_done):
             self.model.momentum.update(self.model.online)
+        self.steps_done += 1
 
     def end_epoch(self):
         pass
@@ -187,13 +218,12 @@ def train(ctx):
     model.to(ctx.device)
     broadcast_parameters(model)  # the linear probe's random initialisation
     model.start_from(start)
-    optimizer = torch.optim.Adam([*model.online.parameters(), *model.linear.parameters()], lr=ctx.recipe.lr)
     if cfg.keep_best_on_val and ctx.dist.is_main:
         print("[primaps] --keep_best_on_val: the kept epoch is the one whose θ_M scores best on the val labels, "
               "as the official code selects it: a choice made with labels")
     validation = validation_loader(ctx, cfg.test_resolution)
     training = PriMaPsTraining(
-        features, model, optimizer, precision, BatchGroup(ctx.recipe.shared_batch), cfg.n_classes,
+        features, model, ctx.recipe.lr, precision, BatchGroup(ctx.recipe.shared_batch), cfg.n_classes,
         validation=lambda: validation_scores(ctx, features, model, validation), keep_best=cfg.keep_best_on_val)
 
     def save(ctx, epochs_done):
@@ -219,20 +249,27 @@ def load_initial(ctx):
 
 class KMeansTraining:
     """One optimiser step of the backbone mode's initialisation: hard cosine k-means of the patch
-    features (PRIMAPS.md §2 (b)); the probe's prototypes are its weight_v (g plays no part)."""
+    features (docs/primaps.md §2 (b)); the probe's prototypes are its weight_v (g plays no part, as the
+    official probe holds it at 1). The labelled linear probe `linear` learns beside it as in the EM
+    stage, a diagnostic: the official loss is their sum, and neither gradient reaches the other."""
 
-    def __init__(self, features, probe, optimizer, precision, group):
-        self.features, self.probe, self.optimizer = features, probe, optimizer
-        self.precision, self.group = precision, group
+    def __init__(self, features, probe, linear, lr, precision, group, n_classes):
+        self.features, self.probe, self.linear = features, probe, linear
+        self.precision, self.group, self.n_classes = precision, group, n_classes
+        self.trained = [probe.weight_v, *linear.parameters()]
+        self.optimizer = torch.optim.Adam(self.trained, lr=lr)  # one Adam for the official two: see PriMaPsTraining
 
     def losses(self, batch, random):
         found = self.features(batch["img"])
         pixels = random.share.global_rows * found.shape[-2] * found.shape[-1]
-        loss = kmeans_loss(self.probe.cosine(found), pixels)
-        return {"loss": loss, "mean_nearest_cosine": -loss}
+        kmeans = kmeans_loss(self.probe.cosine(found), pixels)
+        probe, correct, counted = probe_loss(self.linear, found, batch["label"], random, self.n_classes)
+        # float64, as the official sum of the float32 probe loss and the float64 k-means loss.
+        return {"loss": kmeans + probe, "mean_nearest_cosine": -kmeans, "probe_cross_entropy": probe,
+                "correct": correct, "counted": counted}
 
     def update(self, losses, random):
-        optimizer_step(losses["loss"], [self.optimizer], self.precision, self.group, [self.probe.weight_v])
+        optimizer_step(losses["loss"], [self.optimizer], self.precision, self.group, self.trained)
 
     def end_epoch(self):
         pass
@@ -241,11 +278,12 @@ class KMeansTraining:
         return {}
 
     def state_dict(self):
-        return {"probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.precision.scaler.state_dict()}
+        return {"probe": self.probe.state_dict(), "linear": self.linear.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.precision.scaler.state_dict()}
 
     def load_state_dict(self, state):
         self.probe.load_state_dict(state["probe"])
+        self.linear.load_state_dict(state["linear"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
 
@@ -293,14 +331,18 @@ def initialise(ctx):
     precision = Precision(cfg.precision, ctx.device)
     features = Features(load_backbone(cfg.ckpt, cfg.arch, PRIMAPS_HEADS).to(ctx.device), None, precision)
     probe = Prototypes(cfg.dim, cfg.n_classes).to(ctx.device)
+    # The labelled diagnostic, made before the PCA's loader draws from the generator. It is not saved with
+    # the prototypes: the EM stage starts a probe of its own, as the official one does.
+    linear = nn.Conv2d(cfg.dim, cfg.n_classes, 1).to(ctx.device)
     dataset = training_set(cfg)
     if not ctx.paths.resume_state(cfg.step).is_file():  # a resumed run has its prototypes in the resume state
         directions = pca_start(ctx, features, dataset)
         if directions is not None:
             probe.set_directions(directions)
         broadcast_parameters(probe)
-    optimizer = torch.optim.Adam([probe.weight_v], lr=ctx.recipe.lr)
-    training = KMeansTraining(features, probe, optimizer, precision, BatchGroup(ctx.recipe.shared_batch))
+        broadcast_parameters(linear)
+    training = KMeansTraining(features, probe, linear, ctx.recipe.lr, precision, BatchGroup(ctx.recipe.shared_batch),
+                              cfg.n_classes)
 
     def save(ctx, epochs_done):
         save_torch(probe.state_dict(), ctx.paths.primaps_init)
