@@ -190,6 +190,11 @@ def class_probabilities(logits):
     return logits.detach().softmax(dim=1).transpose(0, 1).flatten(1)
 
 
+def focal_weights(mean_probability, gamma=2.0):
+    """The focal loss's class weights (1 − π_k)^γ from the batch's mean predicted probabilities π [K]."""
+    return (1 - mean_probability) ** gamma
+
+
 def focal_loss(logits, target, gamma=2.0, ignore_id=NO_MASK, mean_probability=None, pixels=None):
     """M-step loss: logits [B, K, H, W], target [B, H, W] -> scalar. Classes weighted by
     (1 − π_k)^γ with π_k the batch's mean predicted probability (no gradient), summed over
@@ -200,7 +205,7 @@ def focal_loss(logits, target, gamma=2.0, ignore_id=NO_MASK, mean_probability=No
     up to it."""
     if mean_probability is None:
         mean_probability = class_probabilities(logits).mean(dim=1)
-    weight = (1 - mean_probability) ** gamma
+    weight = focal_weights(mean_probability, gamma)
     per_pixel = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_id, reduction="none")
     return per_pixel.mean() if pixels is None else per_pixel.sum() / pixels
 

@@ -9,7 +9,12 @@ normalised tensor, where torchvision's colour operations clamp every negative va
 
 Every draw is a column of `draws` [rows, VIEW_DRAWS] (BatchRandom.uniform), so one process or
 several draw the same views for a global batch.
+
+`AugmentedViews` makes a training step's views from its batch and draws; a PriMaPs-EM step takes any
+object of its form (batch, random) -> Views, e.g. one holding given student views and no flip.
 """
+from typing import NamedTuple
+
 import torch
 import torchvision.transforms.functional as TF
 
@@ -56,3 +61,23 @@ def student_view(images, draws):
             rgb = TF.rgb_to_grayscale(rgb, num_output_channels=3)
         views.append(TF.normalize(rgb, IMAGENET_MEAN, IMAGENET_STD))
     return torch.stack(views) if views else images.clone()
+
+
+class Views(NamedTuple):
+    """What one PriMaPs-EM step sees of its batch: the (flipped) image, label and cached mask, and the
+    student view of the image, normalised."""
+    image: torch.Tensor  # [B, 3, H, W]
+    label: torch.Tensor  # [B, H, W]
+    mask: torch.Tensor  # [B, H, W]
+    student: torch.Tensor  # [B, 3, H, W]
+
+
+class AugmentedViews:
+    """The training views of docs/primaps.md §2 from the step's draws (a modules.randomness.BatchRandom):
+    the flip shared by image, label and mask, and the student view of the flipped image."""
+
+    def __call__(self, batch, random):
+        draws = random.uniform((VIEW_DRAWS,))
+        flips = draws[:, FLIP] < 0.5
+        image, label, mask = (flip_rows(batch[name], flips) for name in ("img", "label", "mask"))
+        return Views(image, label, mask, student_view(image, draws))

@@ -189,7 +189,7 @@ def test_keep_best_on_val_keeps_the_best_epoch_and_says_it_used_labels(whole_run
     artifacts = tmp_path / BACKBONE_DIR.format(dataset="cocostuff27")
     after_one_epoch = state(artifacts / "primaps.pth")
     run_step("primaps", None, primaps_args(setup, tmp_path, "--mode", "backbone", "--keep_best_on_val"))
-    # θ_M moves after the 10th step only: both epochs score the same, and the first of equals is kept.
+    # θ_M first moves after the 11th batch: both epochs score the same, and the first of equals is kept.
     assert_same_state(state(artifacts / "primaps.pth"), after_one_epoch)
     record = json.loads((artifacts / "primaps.json").read_text())
     assert record["kept"].endswith("(selected with the val labels): epoch 1") and record["epochs_done"] == 2

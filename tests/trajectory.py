@@ -11,7 +11,10 @@ summaries and the comparison of a recorded step with what the project computed.
 - `bank_summary`, `project_state`, `project_grads`, `record_forward_calls`: what the project holds,
   in the golden file's names.
 - `compare_*`: lists of `Difference`, in recording order; `assert_no_difference` fails on the
-  first one, naming the step, the quantity, the key and by how much it is off.
+  first one, naming the step, the quantity, the key and by how much it is off. `compare_number`,
+  `compare_tensor` (element by element), `compare_exact` (integer maps) and `compare_summary` also
+  serve tests/test_trajectory_primaps.py (tests/golden/trajectory_primaps.pt), as does
+  `stand_in_backbone` for its featurizer.
 
 No test lives here; the tests that drive the training steps import it.
 """
@@ -95,14 +98,15 @@ def golden_batch(inputs, resolution):
     return images.contiguous(), labels.contiguous()
 
 
-def stand_in_backbone(directory):
-    """The DINO ViT-S/16 stand-in (12 heads, as the golden), loaded from a release file in `directory`."""
+def stand_in_backbone(directory, arch="dino_vit_small_16", dino_small_heads=12):
+    """The stand-in backbone of `arch` (default: DINO ViT-S/16 with 12 heads, as trajectory.pt), loaded
+    from a release file in `directory`."""
     from models import load_backbone
     from models.stand_in import stand_in_release
 
-    path = directory / "dino_vit_small_16.pth"
-    torch.save(stand_in_release("dino_vit_small_16"), path)
-    return load_backbone(path)
+    path = directory / f"{arch}.pth"
+    torch.save(stand_in_release(arch), path)
+    return load_backbone(path, arch, dino_small_heads)
 
 
 @torch.no_grad()
@@ -313,6 +317,47 @@ def _number(out, where, quantity, golden, project, rtol, atol, scale=0.0):
 
 def _structure(out, where, quantity, golden, project):
     out.append(Difference(where, quantity, golden, project, math.inf, 0.0))
+
+
+def compare_number(where, quantity, golden, project, rtol, atol):
+    """[] or [the Difference] of two numbers: |golden - project| > atol + rtol·|golden|; two NaNs agree."""
+    out = []
+    _number(out, where, quantity, golden, project, rtol, atol)
+    return out
+
+
+def compare_tensor(where, name, golden, project, rtol, atol):
+    """Element by element, |golden - project| > atol + rtol·|golden| (two NaNs agree): [] or one Difference
+    naming the element furthest beyond its allowance and how many elements are off."""
+    golden, project = golden.detach().cpu(), project.detach().cpu()
+    if tuple(golden.shape) != tuple(project.shape):
+        return [Difference(where, f"shape[{name}]", tuple(golden.shape), tuple(project.shape), math.inf, 0.0)]
+    expected, got = golden.double().reshape(-1), project.double().reshape(-1)
+    both_nan = expected.isnan() & got.isnan()
+    error = torch.where(both_nan, 0.0, (expected - got).abs().nan_to_num(math.inf))
+    allowed = atol + rtol * expected.abs().nan_to_num(0.0)
+    beyond = torch.where(error > allowed, error / allowed.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    off = int((error > allowed).sum())
+    if not off:
+        return []
+    i = int(beyond.argmax())
+    element = list(torch.unravel_index(torch.tensor(i), golden.shape)) if golden.dim() else []
+    return [Difference(where, f"{name}[{', '.join(str(int(e)) for e in element)}] ({off} elements off)",
+                       expected[i].item(), got[i].item(), error[i].item(), allowed[i].item())]
+
+
+def compare_exact(where, name, golden, project):
+    """Integer tensors (labels, class maps, counts) element by element, exactly: [] or one Difference
+    naming the first differing element; its error is the number of differing elements."""
+    golden, project = golden.detach().cpu().long(), project.detach().cpu().long()
+    if tuple(golden.shape) != tuple(project.shape):
+        return [Difference(where, f"shape[{name}]", tuple(golden.shape), tuple(project.shape), math.inf, 0.0)]
+    differing = torch.nonzero(golden != project)
+    if not len(differing):
+        return []
+    first = tuple(differing[0].tolist())
+    return [Difference(where, f"{name}[{', '.join(map(str, first))}] ({len(differing)} elements differ)",
+                       int(golden[first]), int(project[first]), len(differing), 0)]
 
 
 def compare_summary(golden, tensor, key, where, rtol=RTOL, atol=ATOL, name=None):

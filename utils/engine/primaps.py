@@ -21,7 +21,7 @@ from modules.losses import probe_cross_entropy
 from modules.metrics import MatchedMetrics
 from modules.primaps import (MASK_BACKBONE_HEADS, NO_MASK, PriMaPsModel, Prototypes, class_probabilities, focal_loss,
                              mask_majority_labels)
-from modules.views import FLIP, VIEW_DRAWS, flip_rows, student_view
+from modules.views import AugmentedViews
 from utils.engine.loop import Training, fit, progress, validation_loader
 from utils.engine.optim import Precision, optimizer_step
 from utils.engine.primaps_masks import masks_name, prepare_masks
@@ -32,50 +32,81 @@ from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_para
 from utils.runtime.io import save_torch
 
 FOCAL_GAMMA = 2.0
-MOMENTUM_EVERY = 10  # θ_M follows θ_R after every 10th optimiser step
+MOMENTUM_EVERY = 10  # θ_M follows θ_R after the batches that 10, 20, ... batches preceded (momentum_update_due)
+
+
+def momentum_update_due(batches_before):
+    """Whether θ_M follows θ_R after a batch's optimiser step, given the training batches run before that
+    batch (across epochs): the official gate `global_step > 0 and global_step % 10 == 0`, whose
+    Lightning 1.5 global_step counts the batches before the current one, so θ_M moves after the 11th,
+    21st, ... batch (docs/primaps.md §2)."""
+    return batches_before > 0 and batches_before % MOMENTUM_EVERY == 0
+
+
+def all_pixels(random, labels):
+    """The pixels of the whole global batch at the labels' size: the denominator of both PriMaPs
+    cross-entropies, which count an ignored pixel as 0 (docs/primaps.md §2). Each process divides its
+    part of the sum by it, so the parts add up to the global batch's loss."""
+    return random.share.global_rows * labels.shape[-2] * labels.shape[-1]
+
+
+def probe_loss(linear, features, labels, random, n_classes):
+    """The labelled linear probe (a diagnostic) on detached features: (the cross-entropy of its logits
+    upsampled to the labels, summed over the labelled pixels and divided by all_pixels, correct, counted)."""
+    probe, correct, counted = probe_cross_entropy(linear(features), labels, n_classes)
+    return probe / all_pixels(random, labels), correct, counted
 
 
 class PriMaPsTraining(Training):
-    """One optimiser step of PriMaPs-EM (docs/primaps.md §2): the E-step labels each cached mask with θ_M's
-    majority class on the (flipped) image, the M-step fits θ_R on the student view with the focal loss;
-    the labelled linear probe on the image's features is a diagnostic. θ_M follows θ_R after every
-    MOMENTUM_EVERY-th optimiser step."""
+    """One optimiser step of PriMaPs-EM (docs/primaps.md §2): the E-step labels each cached mask with
+    θ_M's majority class on the (flipped) image, the M-step fits θ_R on the student view with the focal
+    loss; the labelled linear probe on the image's features is a diagnostic. θ_M follows θ_R when
+    `momentum_update_due` (steps_done counts the training batches run, across epochs). `views` makes a
+    step's views from its batch and draws (modules/views.py; default AugmentedViews: the random flip
+    and student view)."""
 
-    def __init__(self, features, model, optimizer, precision, group, n_classes, validation=None, keep_best=False):
+    def __init__(self, features, model, lr, precision, group, n_classes, validation=None, keep_best=False,
+                 views=None):
         super().__init__()
-        self.features, self.model, self.optimizer = features, model, optimizer
+        self.features, self.model = features, model
         self.precision, self.group, self.n_classes = precision, group, n_classes
+        self.views = AugmentedViews() if views is None else views
         self.trained = [*model.online.parameters(), *model.linear.parameters()]
+        # One Adam where the official code has three (linear probe, cluster probe, θ_R; the cluster one
+        # holds nothing that learns here): Adam is per parameter, so the numbers are the same.
+        self.optimizer = torch.optim.Adam(self.trained, lr=lr)
         self.validation = validation
         self.keep_best = keep_best
         self.best = None  # with keep_best: {"mIoU", "epoch", "model"} of the best θ_M on val so far
 
-    def losses(self, batch, random):
-        draws = random.uniform((VIEW_DRAWS,))
-        flips = draws[:, FLIP] < 0.5
-        images, labels, masks = (flip_rows(batch[name], flips) for name in ("img", "label", "mask"))
-        teacher = self.features(images)
-        student = self.features(student_view(images, draws))
-        size = images.shape[-2:]
+    def e_step(self, teacher, masks, size):
+        """θ_M's logits of the image features upsampled to `size`, and the E-step's labels: each mask's
+        majority class of their argmax, NO_MASK outside every mask."""
         with torch.no_grad():
-            predicted = upsample(self.model.momentum(teacher), size).argmax(dim=1)
-            targets = mask_majority_labels(predicted, masks.long())
+            logits = upsample(self.model.momentum(teacher), size)
+            return logits, mask_majority_labels(logits.argmax(dim=1), masks.long())
+
+    def losses(self, batch, random):
+        views = self.views(batch, random)
+        teacher = self.features(views.image)
+        student = self.features(views.student)
+        size = views.image.shape[-2:]
+        _, targets = self.e_step(teacher, views.mask, size)
         logits = upsample(self.model.online(student), size)
         # π and the denominator are the whole global batch's: each process adds its part of one loss.
-        pixels = random.share.global_rows * size[0] * size[1]
+        pixels = all_pixels(random, targets)
         mean_probability = self.group.sum(class_probabilities(logits).sum(dim=1)) / pixels
         focal = focal_loss(logits, targets, FOCAL_GAMMA, mean_probability=mean_probability, pixels=pixels)
-        probe, correct, counted = probe_cross_entropy(self.model.linear(teacher), labels, self.n_classes)
-        probe = probe / self.group.sum(counted.float().clone()).clamp_min(1)
+        probe, correct, counted = probe_loss(self.model.linear, teacher, views.label, random, self.n_classes)
         return {"loss": focal + probe, "focal": focal, "probe_cross_entropy": probe,
                 "pseudo_labelled_fraction": (targets != NO_MASK).sum().float() / pixels,
                 "correct": correct, "counted": counted}
 
     def update(self, losses, random):
         optimizer_step(losses["loss"], [self.optimizer], self.precision, self.group, self.trained)
-        self.steps_done += 1
-        if self.steps_done % MOMENTUM_EVERY == 0:
+        if momentum_update_due(self.steps_done):
             self.model.momentum.update(self.model.online)
+        self.steps_done += 1
 
     def validate(self, epoch):
         scores = self.validation() if self.validation is not None else {}
@@ -139,13 +170,12 @@ def work(ctx):
     model.to(ctx.device)
     broadcast_parameters(model)  # the linear probe's random initialisation
     model.start_from(start)
-    optimizer = torch.optim.Adam([*model.online.parameters(), *model.linear.parameters()], lr=ctx.recipe.lr)
     if cfg.keep_best_on_val and ctx.dist.is_main:
         print("[primaps] --keep_best_on_val: the kept epoch is the one whose θ_M scores best on the val labels, "
               "as the official code selects it: a choice made with labels")
     validation = validation_loader(ctx, cfg.test_resolution)
     training = PriMaPsTraining(
-        features, model, optimizer, precision, BatchGroup(ctx.recipe.shared_batch), cfg.n_classes,
+        features, model, ctx.recipe.lr, precision, BatchGroup(ctx.recipe.shared_batch), cfg.n_classes,
         validation=lambda: validation_scores(ctx, features, model, validation), keep_best=cfg.keep_best_on_val)
 
     def save(ctx, epochs_done):

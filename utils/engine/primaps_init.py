@@ -2,11 +2,13 @@
 then cosine k-means; a step of its own (`primaps_init`) that train_primaps.py runs first in backbone
 mode, with its artifact, record and resume state."""
 import torch
+from torch import nn
 
 from modules.primaps import Prototypes, kmeans_loss, pca_directions
 from modules.randomness import mixed_seed
 from utils.engine.loop import Training, fit, progress, row_counts, training_data
 from utils.engine.optim import Precision, optimizer_step
+from utils.engine.primaps import probe_loss
 from utils.engine.status import write_artifact_records
 from utils.engine.trained import Features, mask_backbone
 from utils.runtime.distributed import BatchGroup, broadcast_parameters
@@ -17,25 +19,33 @@ PCA_SEED = 93  # with the run's seed, seeds the initial PCA's random projection
 
 class KMeansTraining(Training):
     """One optimiser step of the backbone mode's initialisation: hard cosine k-means of the patch
-    features (docs/primaps.md §2 (b)); the probe's prototypes are its weight_v (g plays no part)."""
+    features (docs/primaps.md §2 (b)); the probe's prototypes are its weight_v (g plays no part, as the
+    official probe holds it at 1). The labelled linear probe `linear` learns beside it as in the EM
+    stage, a diagnostic: the official loss is their sum, and neither gradient reaches the other."""
 
-    def __init__(self, features, probe, optimizer, precision, group):
+    def __init__(self, features, probe, linear, lr, precision, group, n_classes):
         super().__init__()
-        self.features, self.probe, self.optimizer = features, probe, optimizer
-        self.precision, self.group = precision, group
+        self.features, self.probe, self.linear = features, probe, linear
+        self.precision, self.group, self.n_classes = precision, group, n_classes
+        self.trained = [probe.weight_v, *linear.parameters()]
+        self.optimizer = torch.optim.Adam(self.trained, lr=lr)  # one Adam for the official two: see PriMaPsTraining
 
     def losses(self, batch, random):
         found = self.features(batch["img"])
         pixels = random.share.global_rows * found.shape[-2] * found.shape[-1]
-        loss = kmeans_loss(self.probe.cosine(found), pixels)
-        return {"loss": loss, "mean_nearest_cosine": -loss}
+        kmeans = kmeans_loss(self.probe.cosine(found), pixels)
+        probe, correct, counted = probe_loss(self.linear, found, batch["label"], random, self.n_classes)
+        # float64, as the official sum of the float32 probe loss and the float64 k-means loss.
+        return {"loss": kmeans + probe, "mean_nearest_cosine": -kmeans, "probe_cross_entropy": probe,
+                "correct": correct, "counted": counted}
 
     def update(self, losses, random):
-        optimizer_step(losses["loss"], [self.optimizer], self.precision, self.group, [self.probe.weight_v])
+        optimizer_step(losses["loss"], [self.optimizer], self.precision, self.group, self.trained)
         self.steps_done += 1
 
     def parts(self):
-        return {"probe": self.probe, "optimizer": self.optimizer, "scaler": self.precision.scaler}
+        return {"probe": self.probe, "linear": self.linear, "optimizer": self.optimizer,
+                "scaler": self.precision.scaler}
 
 
 @torch.no_grad()
@@ -78,13 +88,17 @@ def work(ctx):
     precision = Precision(cfg.precision, ctx.device)
     features = Features(mask_backbone(cfg, ctx.device), None, precision)
     probe = Prototypes(cfg.dim, cfg.n_classes).to(ctx.device)
+    # The labelled diagnostic, made before the PCA's loader draws from the generator. It is not saved with
+    # the prototypes: the EM stage starts a probe of its own, as the official one does.
+    linear = nn.Conv2d(cfg.dim, cfg.n_classes, 1).to(ctx.device)
     if not ctx.files.resume_state.is_file():  # a resumed run has its prototypes in the resume state
         directions = pca_start(ctx, features, None)
         if directions is not None:
             probe.set_directions(directions)
         broadcast_parameters(probe)
-    optimizer = torch.optim.Adam([probe.weight_v], lr=ctx.recipe.lr)
-    training = KMeansTraining(features, probe, optimizer, precision, BatchGroup(ctx.recipe.shared_batch))
+        broadcast_parameters(linear)
+    training = KMeansTraining(features, probe, linear, ctx.recipe.lr, precision, BatchGroup(ctx.recipe.shared_batch),
+                              cfg.n_classes)
 
     def save(ctx, epochs_done):
         save_torch(probe.state_dict(), ctx.paths.primaps_init)
