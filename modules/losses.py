@@ -1,9 +1,8 @@
-"""The two training objectives: the modularity loss (SPEC §3) and the concept-wise
-contrastive loss with the concept bank (SPEC §4)."""
+"""The two training objectives: the modularity loss (docs/cause.md §3) and the concept-wise
+contrastive loss with the concept bank (docs/cause.md §4)."""
 import torch
 import torch.nn.functional as F
 
-from modules.quantize import quantize_index
 
 # Bytes the no-grad [B, rows, P, K] product tensor of the modularity arg-max may take.
 _CHUNK_BYTES = 64 * 2**20
@@ -20,7 +19,7 @@ def _pairwise_argmax(assign, row_chunk):
 
 
 def modularity_per_image(codebook, feat, temp=0.1, row_chunk=None):
-    """[B] modularity Q of each image's soft assignment of tokens to prototypes (SPEC §3).
+    """[B] modularity Q of each image's soft assignment of tokens to prototypes (docs/cause.md §3).
 
     feat [B, P, D] (detached here: only the codebook learns), codebook [K, D].
     δ_ij = max_k tanh(S_ik S_jk / temp) equals tanh(S_ik* S_jk* / temp) at the arg-max k*,
@@ -46,11 +45,6 @@ def modularity_per_image(codebook, feat, temp=0.1, row_chunk=None):
         delta = torch.tanh(at_i * at_j / temp)
         # Q = tr(W δ) = Σ_ij W_ij δ_ji
         return (weight * delta.transpose(1, 2)).sum((1, 2))
-
-
-def modularity_loss(codebook, feat, temp=0.1, row_chunk=None):
-    """-mean over images of the modularity Q (the loss of SPEC §3 and §5)."""
-    return -modularity_per_image(codebook, feat, temp, row_chunk).mean()
 
 
 def _nce_rows(anchor, candidate, pos, neg, temp, valid=None):
@@ -86,7 +80,7 @@ def _image_terms(rows, n_pos, batch, tokens):
 
 def contrastive_terms(proj, index, candidates, candidate_index, codebook, bank=None, anchor_offset=0, temp=0.07,
                       pos_thresh=0.3, neg_thresh=0.1):
-    """The terms of the concept-wise contrastive loss (SPEC §4) of some anchor images: (sum, count).
+    """The terms of the concept-wise contrastive loss (docs/cause.md §4) of some anchor images: (sum, count).
 
     proj [b, P, Dp] student projections of the anchor images and index [b, P] their tokens'
     prototypes; candidates [B, P, Dp] the teacher projections of the whole batch (the anchor
@@ -133,20 +127,6 @@ def contrastive_terms(proj, index, candidates, candidate_index, codebook, bank=N
         # it is left out here, counted by mask so that nothing syncs with the host. Whenever
         # the official value is finite the two agree; an empty bank adds no terms.
         return torch.where(has_pos, terms, 0.0).sum(), has_pos.sum()
-
-
-def contrastive_loss(feat, proj, proj_ema, codebook, bank=None, temp=0.07, pos_thresh=0.3, neg_thresh=0.1,
-                     index=None):
-    """Concept-wise contrastive loss of SPEC §4 for one batch: the mean of contrastive_terms.
-
-    feat [B, P, D] sampled backbone tokens (only their prototypes matter), proj / proj_ema
-    [B, P, Dp] student / teacher projections, codebook [K, D], bank a ConceptBank or None,
-    index [B, P] a precomputed quantize_index(feat, codebook).
-    """
-    if index is None:
-        index = quantize_index(feat, codebook)
-    total, count = contrastive_terms(proj, index, proj_ema, index, codebook, bank, 0, temp, pos_thresh, neg_thresh)
-    return total / count.clamp_min(1)
 
 
 def probe_cross_entropy(logits, labels, n_classes):

@@ -1,24 +1,22 @@
-"""PriMaPs-EM numerics (PRIMAPS.md §1, §2): principal mask proposals and their pseudo masks,
+"""PriMaPs-EM numerics (docs/primaps.md §1, §2): principal mask proposals and their pseudo masks,
 the median filter they use, the E-step that labels each mask by its majority class, the focal
 loss of the M-step, the cosine k-means loss and PCA directions of the initialisation stage, and
 the prototype module θ_R with its momentum copy θ_M.
 
 Mask generation is split in two so that the CRF, which dominates the cost, can run on a process
 pool: `mask_log_probs` (features -> log-probabilities at patch resolution) and the CRF half,
-`pseudo_mask_job` on a pool (numpy and pydensecrf only) or `pseudo_mask_from_log_probs` in one
-process (image, log-probabilities -> CRF marginals and the pseudo mask).
+`pseudo_mask_job` (numpy and pydensecrf only: the CRF's marginals -> the pseudo mask).
 """
 import copy
 import math
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.crf import crf_inference_job, dense_crf
+from modules.crf import crf_inference_job
 
 # The official PriMaPs code loads DINO's hub models: ViT-S with DINO's own 6 attention heads (only DINO
 # ViT-S depends on it). Its pseudo masks, and backbone mode's features, come from that definition.
@@ -31,7 +29,7 @@ PROPOSAL_GAIN = 10.0
 # Proposals stop once this fraction of the patches is assigned; power iterations of each round's PCA.
 STOP_FRACTION = 0.95
 PCA_ITERATIONS = 100
-CRF_ITERATIONS = 10  # the evaluation CRF's (SPEC §6)
+CRF_ITERATIONS = 10  # the evaluation CRF's (docs/cause.md §6)
 
 
 @contextmanager
@@ -130,12 +128,6 @@ def mask_log_probs(features, threshold=0.4, seed=None):
     return proposal_log_probs(proposals)
 
 
-class PseudoMask(NamedTuple):
-    log_probs: torch.Tensor  # [N+1, h, w], background first
-    q: torch.Tensor  # [N+1, H, W] CRF marginals
-    pseudo: torch.Tensor  # uint8 [H, W]: mask ids 1..N, NO_MASK where the background wins
-
-
 def pseudo_from_marginals(q):
     """CRF marginals [N+1, H, W] (numpy) -> the pseudo mask, uint8 [H, W]: the winning mask id,
     NO_MASK where the background wins."""
@@ -147,21 +139,6 @@ def pseudo_mask_job(crf_input):
     """The CRF half of one pseudo mask for a worker pool: modules.crf.crf_inputs(image, log_probs),
     computed by the caller, -> the pseudo mask (uint8 numpy [H, W]). numpy and pydensecrf only."""
     return pseudo_from_marginals(crf_inference_job(crf_input, CRF_ITERATIONS))
-
-
-def pseudo_mask_from_log_probs(image, log_probs):
-    """Normalised image [3, H, W] and log-probabilities [N+1, h, w] -> (CRF marginals [N+1, H, W],
-    pseudo mask uint8 [H, W]), computed on CPU in this process."""
-    check_mask_count(log_probs.shape[0] - 1)
-    q = dense_crf(image, log_probs, CRF_ITERATIONS)
-    return q, torch.from_numpy(pseudo_from_marginals(q.numpy()))
-
-
-def pseudo_mask(image, features, threshold=0.4, seed=None):
-    """One image's pseudo mask (PRIMAPS.md §1) in one process: both halves in a row."""
-    log_probs = mask_log_probs(features, threshold, seed).cpu()
-    q, pseudo = pseudo_mask_from_log_probs(image, log_probs)
-    return PseudoMask(log_probs, q, pseudo)
 
 
 def mask_majority_labels(class_map, masks, ignore_id=NO_MASK):

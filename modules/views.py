@@ -1,4 +1,4 @@
-"""PriMaPs-EM's training views (PRIMAPS.md §2), made on the device from a step's uniform draws.
+"""PriMaPs-EM's training views (docs/primaps.md §2), made on the device from a step's uniform draws.
 
 A horizontal flip (p 0.5) is shared by the image, its cached mask and its label. The student view
 adds a Gaussian blur (kernel 21, σ ~ U[0.1, 2]), then with p 0.5 a colour jitter (applied with p

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import bank_entries
+from whole_batch import contrastive_loss
 
 from modules.bank import ConceptBank
-from modules.losses import contrastive_loss
 from modules.quantize import quantize_index
 
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from conftest import bank_entries, load_golden
+from whole_batch import contrastive_loss, modularity_loss
 
 from modules.bank import ConceptBank
 from modules.heads import SegmentModule
-from modules.losses import contrastive_loss, modularity_loss
 from utils.tools import benchmark
 from utils.tools.official_formulation import (OfficialBank, official_contrastive_loss, official_ema_update,
                                               official_modularity_loss)

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_golden
+from whole_batch import contrastive_loss, modularity_loss
 
 from loader.samplers import BatchShare
 from modules.bank import ConceptBank
 from modules.grid import grid_order, grid_sample_tokens, map_to_tokens, tokens_to_map
-from modules.losses import contrastive_loss, modularity_loss
 from modules.quantize import cosine_similarity_to, quantize, quantize_index
 from modules.randomness import BatchRandom
 

@@ -13,6 +13,7 @@ from conftest import load_golden
 from torch import nn
 
 from modules import primaps
+from whole_batch import pseudo_mask, pseudo_mask_from_log_probs
 from modules.primaps import (
     NO_MASK,
     MomentumPrototypes,
@@ -25,8 +26,6 @@ from modules.primaps import (
     median_filter_3x3,
     pca_directions,
     principal_mask_proposals,
-    pseudo_mask,
-    pseudo_mask_from_log_probs,
 )
 
 FLOAT = {"rtol": 1e-5, "atol": 1e-6}

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from errors import UserError
 from models import convert_checkpoint, load_backbone
 from models.registry import ARCHS
-from models.released import (SotaFileError, head_sizes, load_primaps_backbone, load_primaps_model, load_sota_model,
-                             read_primaps_checkpoint, read_sota_file)
+from models.released import SotaFileError, head_sizes, load_sota_model, read_sota_file
+from models.released_primaps import load_primaps_backbone, load_primaps_model, read_primaps_checkpoint
 from models.safe_load import STAND_INS, FileLoadError, RefusedGlobalError, foreign_class, safe_load
 from models.stand_in import (STAND_IN_EMA_CALLS, omegaconf_config, release_keys, save_foreign, stand_in_hp,
                              stand_in_primaps, stand_in_release, stand_in_state_dict, stand_in_stego,
