@@ -219,7 +219,7 @@ class LabelledImages(Dataset):
         stored = self._checked(np.asarray(label), label_file)
         if resize is not None:
             image, label = resize(image, label)
-            stored = np.asarray(label)
+            stored = label.numpy() if torch.is_tensor(label) else np.asarray(label)
         return image, self.lut[stored]
 
     def _checked(self, stored, label_file):
@@ -238,11 +238,12 @@ class LabelledImages(Dataset):
 
 
 class SegmentationDataset(Dataset):
-    """Items {"ind", "img" [3,res,res] normalised, "label" [res,res] int64} as the steps read them."""
+    """Items {"ind", "img" [3,res,res] normalised, "label" [res,res] int64} as the steps read them,
+    resized by `resize` (loader/transforms.RESIZES)."""
 
-    def __init__(self, source, resolution, square):
+    def __init__(self, source, resolution, square, resize="nearest"):
         self.source = source
-        self.resize = ResizePair(resolution, square)
+        self.resize = ResizePair(resolution, square, resize)
 
     def __len__(self):
         return len(self.source)
@@ -296,9 +297,10 @@ def build_source_dataset(name, data_dir, split, curated=False):
     return _images(dataset_info(name), images, labels, cropped=False)
 
 
-def build_dataset(name, data_dir, split, resolution, train_set="crops"):
-    """Training or evaluation ("val") items at `resolution` (`train_set`: which train files, TRAIN_SETS)."""
+def build_dataset(name, data_dir, split, resolution, train_set="crops", resize="nearest"):
+    """Training or evaluation ("val") items at `resolution` (`train_set`: which train files, TRAIN_SETS;
+    `resize`: how, loader/transforms.RESIZES)."""
     info = dataset_info(name)
     images, labels = split_files(name, data_dir, split, train_set)
     return SegmentationDataset(_images(info, images, labels, reads_crops(info, split, train_set)), resolution,
-                               info.square_resize)
+                               info.square_resize, resize)

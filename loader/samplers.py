@@ -38,11 +38,12 @@ def share_of(global_rows, processes, rank):
 class GlobalBatchSampler(Sampler):
     """Yields, for each global batch of an epoch, the list of this process's indices (possibly empty)."""
 
-    def __init__(self, length, global_batch, *, shards, shard, processes, rank, seed):
+    def __init__(self, length, global_batch, *, shards, shard, processes, rank, seed, drop_last=False):
         if global_batch < 1:
             raise ValueError(f"global_batch must be at least 1, got {global_batch}")
         self.length = length
         self.global_batch = global_batch
+        self.drop_last = drop_last  # leave out the short last batch of an epoch, as DataLoader(drop_last=True)
         self.shards, self.shard = shards, shard
         self.processes, self.rank = processes, rank
         self.seed = seed
@@ -62,7 +63,8 @@ class GlobalBatchSampler(Sampler):
         return math.ceil(self.length / self.shards)
 
     def __len__(self):
-        return math.ceil(self.samples_per_epoch() / self.global_batch)
+        batches = self.samples_per_epoch() / self.global_batch
+        return math.floor(batches) if self.drop_last else math.ceil(batches)
 
     def share(self, batch_index):
         """This process's BatchShare of global batch `batch_index` of the epoch."""

@@ -5,10 +5,12 @@ from scipy.optimize import linear_sum_assignment
 
 
 class MatchedMetrics:
-    """Accumulates H[pred, true] over a whole split, then matches clusters to classes once."""
+    """Accumulates H[pred, true] over a whole split, then matches clusters to classes once (matched=False:
+    the predictions are classes already, as a labelled probe's; each keeps its own id)."""
 
-    def __init__(self, n_classes, device=None):
+    def __init__(self, n_classes, device=None, matched=True):
         self.n_classes = n_classes
+        self.matched = matched
         self.histogram = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=device)
 
     def update(self, preds, labels):
@@ -20,6 +22,8 @@ class MatchedMetrics:
 
     def _assignment(self):
         """Matched class of each predicted cluster, maximising the matched pixels."""
+        if not self.matched:
+            return torch.arange(self.n_classes)
         clusters, classes = linear_sum_assignment(self.histogram.cpu().numpy(), maximize=True)
         assignment = np.empty(self.n_classes, dtype=np.int64)
         assignment[clusters] = classes

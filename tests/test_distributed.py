@@ -119,7 +119,7 @@ def disagreeing(cfg, info):
 def test_processes_that_disagree_are_a_bug_with_a_traceback():
     cfg = SimpleNamespace(gpu="cpu", nproc=2, port=free_port())
     with pytest.raises(Exception, match="hold other weights than process 0"):
-        launch(disagreeing, cfg)
+        launch(disagreeing, cfg, "test")
 
 
 def reduce_sparse_gradients(cfg, info):
@@ -135,7 +135,7 @@ def reduce_sparse_gradients(cfg, info):
 @pytest.mark.parametrize("shared", [True, False])
 def test_gradients_missing_on_one_rank_are_reduced_without_hanging(shared):
     cfg = SimpleNamespace(gpu="cpu", nproc=2, port=free_port(), shared=shared)
-    ranks = launch(reduce_sparse_gradients, cfg)
+    ranks = launch(reduce_sparse_gradients, cfg, "test")
     assert ranks[0] == ranks[1], "every rank holds the same gradients"
     scale = 1 if shared else 0.5  # summed over one shared batch, averaged over independent ones
     assert ranks[0] == [[1.0 * scale] * 2, [2.0 * scale] * 2, None], "no gradient anywhere stays none"

@@ -275,6 +275,6 @@ def test_every_step_runs_under_mixed_precision_on_cpu(setup, tmp_path, precision
         state = torch.load(tmp_path / HEAD_DIR / artifact, weights_only=True)
         assert all(torch.isfinite(v).all() for v in state.values()), artifact
     record = json.loads((tmp_path / HEAD_DIR / "segment_tr.json").read_text())
-    assert record["precision"] == precision
+    assert record["identity"]["settings"]["precision"] == precision
     metrics = json.loads((tmp_path / "results/cocostuff27/TR/dino_vit_tiny_8/16/metrics.json").read_text())
     assert metrics["identity"]["settings"]["precision"] == precision and 0 <= metrics["crf"]["mIoU"] <= 100

@@ -12,7 +12,6 @@ from loader import DATASETS
 from modules.crf import crf_pool, dense_crf_batch
 from modules.features import head_features, upsample
 from modules.grid import map_to_tokens
-from modules.losses import probe_cross_entropy
 from modules.metrics import MatchedMetrics
 from modules.probe import crf_log_probs
 from utils.engine.loop import progress, validation_loader
@@ -43,13 +42,13 @@ def score(ctx, pool, loader, predict, variants, pictures_dir, desc):
     """Predict every val image and score each variant; shared by the test steps.
 
     predict(images, labels) -> ({variant: class map [B,H,W]}, {variant: the CRF's input, log-probabilities
-    [B,K,H,W]}, (linear probe's correct pixels, labelled pixels)); the CRF runs here, on `pool`. The
-    pictures (imgs, labels, raw, crf, matched) show the variants "no_crf" and "crf". Returns
-    ({variant: MatchedMetrics result}, the linear probe's pixel accuracy in %).
+    [B,K,H,W]}, the linear probe's logits [B,n,h,w]); the CRF runs here, on `pool`. The pictures (imgs,
+    labels, raw, crf, matched) show the variants "no_crf" and "crf". Returns ({variant: MatchedMetrics
+    result}, the linear probe's MatchedMetrics result: its own classes, no matching).
     """
     cfg = ctx.cfg
     metrics = {name: MatchedMetrics(cfg.n_classes, ctx.device) for name in variants}
-    probe = torch.zeros(2, device=ctx.device)
+    probe = MatchedMetrics(cfg.n_classes, ctx.device, matched=False)
     palette = DATASETS[cfg.dataset].palette
     wanted_pictures = len(loader.dataset) if cfg.num_pictures < 0 else cfg.num_pictures
     # The matched pictures need the final Hungarian matching, so only their CRF maps are kept,
@@ -57,12 +56,12 @@ def score(ctx, pool, loader, predict, variants, pictures_dir, desc):
     kept_crf = []
     for _, _, batch in progress(ctx, loader, desc):
         images, labels = batch["img"], batch["label"]
-        maps, crf_inputs, (correct, counted) = predict(images, labels)
+        maps, crf_inputs, probe_logits = predict(images, labels)
         for name, log_probs in crf_inputs.items():
             maps[name] = dense_crf_batch(images, log_probs, pool=pool).argmax(1)
         for name, prediction in maps.items():
             metrics[name].update(prediction, labels)
-        probe += torch.stack([correct, counted]).float()
+        probe.update(upsample(probe_logits.float(), labels.shape[-2:]).argmax(1), labels)
         for i in range(min(len(images), wanted_pictures - len(kept_crf))):
             index = int(batch["ind"][i])
             save_pictures(pictures_dir, index, prediction_pictures(images[i], labels[i], maps["no_crf"][i],
@@ -72,20 +71,20 @@ def score(ctx, pool, loader, predict, variants, pictures_dir, desc):
     results = {name: metric.compute() for name, metric in metrics.items()}  # each Hungarian matching once
     for index, crf in kept_crf:
         save_pictures(pictures_dir, index, {"matched": colorize(results["crf"]["assignment"][crf.long()], palette)})
-    return results, 100 * (probe[0] / probe[1].clamp(min=1)).item()
+    return results, probe.compute()
 
 
 def save_report(ctx, path, results, probe, variants, **description):
     """Write and return a test step's metrics.json: `description`, each variant's figures, the
     Hungarian matching of the headline ("crf": the class each cluster stands for, which predict.py
-    uses), the linear probe's accuracy, and how it was made: a metrics.json is its own record, and
-    holds the records of the artifacts it was computed from."""
+    uses), the linear probe's pixel accuracy and mIoU, and how it was made: a metrics.json is its own
+    record, and holds the records of the artifacts it was computed from."""
     report = {
         **description,
         **{name: summary(result) for name, result in results.items()},
         "variants": variants,
         "cluster_to_class": results["crf"]["assignment"].tolist(),
-        "linear_probe_pixel_accuracy_uses_labels": probe,
+        "linear_probe_pixel_accuracy_uses_labels": probe["Acc"], "linear_probe_mIoU_uses_labels": probe["mIoU"],
         **step_record(ctx, None), "upstream": ctx.upstream,
     }
     save_text(json.dumps(report, indent=2, default=str), path)
@@ -112,8 +111,7 @@ def work(ctx):
             cosine = cluster.cosine_logits(upsample(averaged, labels.shape[-2:]))
             maps = {"no_crf": cosine.argmax(dim=1),
                     "no_crf_no_flip": cluster.predict(upsample(plain, labels.shape[-2:]))}
-            _, correct, counted = probe_cross_entropy(segment.linear(map_to_tokens(plain)), labels, cfg.n_classes)
-            return maps, {"crf": crf_log_probs(cosine)}, (correct, counted)
+            return maps, {"crf": crf_log_probs(cosine)}, segment.linear(map_to_tokens(plain))
 
         results, probe = score(ctx, pool, validation_loader(ctx, cfg.test_resolution), predict, VARIANTS,
                                ctx.paths.results, f"[test {cfg.head.upper()}] {cfg.dataset}")
@@ -128,7 +126,8 @@ def print_report(cfg, paths, report):
     print_released(label, report)
     print(f"{label} {cfg.dataset}: without CRF mIoU {report['no_crf']['mIoU']:.1f} pAcc {report['no_crf']['pAcc']:.1f} "
           f"(without flip averaging, as the official no-CRF figure: mIoU {report['no_crf_no_flip']['mIoU']:.1f}); "
-          f"linear probe (uses labels) pixel accuracy {report['linear_probe_pixel_accuracy_uses_labels']:.1f}")
+          f"linear probe (uses labels) pixel accuracy {report['linear_probe_pixel_accuracy_uses_labels']:.1f}, "
+          f"mIoU {report['linear_probe_mIoU_uses_labels']:.1f}")
     print(f"{label} metrics: {paths.metrics}; pictures: {paths.results}")
     print(final_line(report))
 

@@ -13,7 +13,6 @@ import torch
 
 from modules.crf import crf_pool
 from modules.features import flip_averaged, upsample
-from modules.losses import probe_cross_entropy
 from utils.engine import evaluate
 from utils.engine.loop import validation_loader
 from utils.engine.optim import Precision
@@ -51,8 +50,7 @@ def work(ctx):
                 logits = upsample(getattr(model, predictor)(averaged), labels.shape[-2:])
                 maps[prefix + "no_crf"] = logits.argmax(dim=1)
                 crf_inputs[prefix + "crf"] = logits.log_softmax(dim=1)
-            _, correct, counted = probe_cross_entropy(model.linear(averaged), labels, cfg.n_classes)
-            return maps, crf_inputs, (correct, counted)
+            return maps, crf_inputs, model.linear(averaged)
 
         results, probe = evaluate.score(ctx, pool, validation_loader(ctx, cfg.test_resolution), predict, VARIANTS,
                                         ctx.paths.primaps_results, f"{_label(cfg)} {cfg.dataset}")
@@ -68,7 +66,8 @@ def print_report(cfg, paths, report):
     for name in VARIANTS:
         print(f"{label} {name:<15} mIoU {report[name]['mIoU']:5.1f}  pAcc {report[name]['pAcc']:5.1f}  "
               f"({VARIANTS[name]})")
-    print(f"{label} linear probe (uses labels) pixel accuracy {report['linear_probe_pixel_accuracy_uses_labels']:.1f}")
+    print(f"{label} linear probe (uses labels) pixel accuracy {report['linear_probe_pixel_accuracy_uses_labels']:.1f}, "
+          f"mIoU {report['linear_probe_mIoU_uses_labels']:.1f}")
     print(f"{label} metrics: {paths.primaps_metrics}; pictures: {paths.primaps_results}")
     print(evaluate.final_line(report))
 

@@ -85,18 +85,25 @@ def training_data(ctx, resolution, dataset=None):
     training items when they are not the step's usual train set at `resolution`."""
     cfg, recipe, rank = ctx.cfg, ctx.recipe, ctx.dist.rank
     if dataset is None:
-        dataset = build_dataset(cfg.dataset, cfg.data_dir, "train", resolution, ctx.step.train_set)
+        dataset = training_set(ctx, resolution)
+    drop_last = ctx.step.drop_last
     if recipe.shared_batch:
         sampler = GlobalBatchSampler(len(dataset), recipe.global_batch, shards=recipe.shards, shard=0,
-                                     processes=recipe.processes, rank=rank, seed=cfg.seed)
+                                     processes=recipe.processes, rank=rank, seed=cfg.seed, drop_last=drop_last)
     else:
         sampler = GlobalBatchSampler(len(dataset), recipe.batch_per_process, shards=recipe.shards, shard=rank,
-                                     processes=1, rank=0, seed=cfg.seed)
+                                     processes=1, rank=0, seed=cfg.seed, drop_last=drop_last)
     return training_loader(dataset, sampler, cfg.num_workers), sampler
 
 
+def training_set(ctx, resolution):
+    """The step's training items at `resolution`: its train set, resized as the step declares."""
+    cfg = ctx.cfg
+    return build_dataset(cfg.dataset, cfg.data_dir, "train", resolution, ctx.step.train_set, ctx.step.resize["train"])
+
+
 def validation_loader(ctx, resolution):
-    dataset = build_dataset(ctx.cfg.dataset, ctx.cfg.data_dir, "val", resolution)
+    dataset = build_dataset(ctx.cfg.dataset, ctx.cfg.data_dir, "val", resolution, resize=ctx.step.resize["val"])
     return evaluation_loader(dataset, ctx.cfg.batch_size, ctx.dist.rank, ctx.dist.world_size, ctx.cfg.num_workers)
 
 

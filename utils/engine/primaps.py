@@ -13,7 +13,6 @@ DINO's ViT-S with DINO's own 6 heads, whatever --dino_small_heads the CAUSE step
 """
 import torch
 
-from loader import build_dataset
 from loader.pseudo_masks import WithMasks
 from modules.crf import crf_pool
 from modules.features import upsample
@@ -22,7 +21,7 @@ from modules.metrics import MatchedMetrics
 from modules.primaps import (MASK_BACKBONE_HEADS, NO_MASK, PriMaPsModel, Prototypes, class_probabilities, focal_loss,
                              mask_majority_labels)
 from modules.views import AugmentedViews
-from utils.engine.loop import Training, fit, progress, validation_loader
+from utils.engine.loop import Training, fit, progress, training_set, validation_loader
 from utils.engine.optim import Precision, optimizer_step
 from utils.engine.primaps_masks import masks_name, prepare_masks
 from utils.engine.status import write_artifact_records
@@ -157,7 +156,7 @@ def work(ctx):
     # depend on whether the masks were computed (their loader draws a seed) or found cached.
     model = PriMaPsModel(feature_dim(cfg), cfg.n_classes)
     precision = Precision(cfg.precision, ctx.device)
-    dataset = build_dataset(cfg.dataset, cfg.data_dir, "train", cfg.train_resolution, ctx.step.train_set)
+    dataset = training_set(ctx, cfg.train_resolution)
     mask_files = ctx.paths.primaps_mask_files(masks_name(cfg), dataset.source.image_files)
     with crf_pool(cfg.crf_workers) as pool:  # before a model reaches a GPU (modules/crf.py)
         backbone = mask_backbone(cfg, ctx.device)

@@ -48,7 +48,8 @@ def masks_identity(ctx, mask_heads):
     cfg = ctx.cfg
     return {"arch": cfg.arch, "attention_heads_of_dino_vit_small": mask_heads,
             "backbone": ctx.identity["backbone"]["fingerprint"], "train_images": ctx.identity["data"]["train"],
-            "resolution": cfg.train_resolution, "threshold": cfg.threshold, "seed": cfg.seed}
+            "resolution": cfg.train_resolution, "resize": ctx.step.resize["train"], "threshold": cfg.threshold,
+            "seed": cfg.seed}
 
 
 @contextmanager

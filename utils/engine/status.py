@@ -74,7 +74,9 @@ def data_files(cfg, split):
 def identity(cfg, recipe, fingerprints, files, upstream):
     """Everything the step's result depends on (see the module's doc); `files`: {split: data files}."""
     step = STEPS[cfg.step]
-    found = {"settings": {**result_settings(cfg), **(recipe.settings() if recipe else {})},
+    resize = {split: step.resize[split] for split in step.data}
+    found = {"settings": {**result_settings(cfg), **(recipe.settings() if recipe else {}),
+                          **({"resize": resize} if resize else {})},
              "data": {split: fingerprints.file_list(listed, cfg.data_dir, timed=step.timed_sources)
                       for split, listed in files.items()},
              "upstream": {name: identity_of(entry) for name, entry in upstream.items()}}

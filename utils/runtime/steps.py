@@ -37,6 +37,12 @@ def _always(values):
     return True
 
 
+CAUSE_RESIZE = {"train": "nearest", "val": "nearest"}
+# PriMaPs' own (docs/primaps.md §1, §3): training images bilinear on PIL, the official test's resizing
+# of tensors for evaluation.
+PRIMAPS_RESIZE = {"train": "bilinear", "val": "tensor_bilinear"}
+
+
 @dataclass(frozen=True)
 class Step:
     """One step of the pipeline (see the module's doc)."""
@@ -54,6 +60,9 @@ class Step:
     upstream: Callable = _no_upstream  # upstream(cfg, paths) -> {name: Upstream} of the artifacts it reads
     data: tuple = ()  # the splits whose files it reads
     train_set: str = "crops"  # which train files (loader.TRAIN_SETS)
+    # How its train and val images and labels are resized (loader/transforms.RESIZES): part of its identity.
+    resize: dict = field(default_factory=lambda: dict(CAUSE_RESIZE))
+    drop_last: bool = False  # training leaves out the short last batch of each epoch
     head: str | None = None  # "script": one script per head; "option": --head; None: no head
     # Default epochs ({head: n} when they depend on the head), read from `epochs_option`; None for a
     # step that does not train (and so neither resumes nor logs).
@@ -165,6 +174,9 @@ PRIMAPS_BATCH = dict(default=32, help="the global batch (paper recipe) or the ba
                                       "images per forward pass of the masks")
 PRIMAPS_LR = dict(default=5e-3, help="Adam's learning rate of the prototypes, the linear probe and the k-means "
                                      "initialisation (the scaled recipe multiplies it by the number of processes)")
+PRIMAPS_PRECISION = dict(default="fp32", help="autocast precision; default fp32, as the official PriMaPs-EM runs "
+                                               "(its Trainer is given none); fp16 (with loss scaling) or bf16 "
+                                               "on request; auto: fp16 on GPU, fp32 on CPU")
 PRIMAPS_RECIPE = dict(help="paper: PriMaPs' optimisation on any process count (global batch 32 split over the "
                            "processes, lr 5e-3, every image each epoch); scaled: batch 32 per process, lr 5e-3 × "
                            "processes")
@@ -230,22 +242,25 @@ register(Step(
 register(Step(
     "primaps_init", "utils.engine.primaps_init", None,
     (*DATA, *MODEL, *TRAINING, "init_epochs", "pca_batches"), lambda paths: [paths.primaps_init], data=("train",),
-    train_set="curated", epochs=2, epochs_option="init_epochs", when=lambda values: values["mode"] == "backbone",
-    overrides={"batch_size": PRIMAPS_BATCH, "lr": PRIMAPS_LR, "recipe": PRIMAPS_RECIPE},
+    train_set="curated", resize=PRIMAPS_RESIZE, drop_last=True, epochs=2, epochs_option="init_epochs",
+    when=lambda values: values["mode"] == "backbone",
+    overrides={"batch_size": PRIMAPS_BATCH, "lr": PRIMAPS_LR, "recipe": PRIMAPS_RECIPE, "precision": PRIMAPS_PRECISION},
     fixed={"mode": "backbone"},
     description="PriMaPs-EM's initial prototypes in backbone mode: PCA, then cosine k-means (docs/primaps.md §2)"))
 register(Step(
     "primaps", "utils.engine.primaps", "train_primaps.py",
     (*DATA, *MODEL, *HEAD_MODEL, *TRAINING, "epochs", *PRIMAPS, "crf_workers", "accept_partial"),
     lambda paths: [paths.primaps], _primaps_upstream, data=("train", "val"), train_set="curated", head="option",
-    epochs=50, runs_first=("primaps_init",), unused=_primaps_unused,
-    overrides={"batch_size": PRIMAPS_BATCH, "lr": PRIMAPS_LR, "recipe": PRIMAPS_RECIPE}, pipeline="primaps",
+    resize=PRIMAPS_RESIZE, drop_last=True, epochs=50, runs_first=("primaps_init",), unused=_primaps_unused,
+    overrides={"batch_size": PRIMAPS_BATCH, "lr": PRIMAPS_LR, "recipe": PRIMAPS_RECIPE, "precision": PRIMAPS_PRECISION},
+    pipeline="primaps",
     description="PriMaPs-EM's prototypes (docs/primaps.md §1-§2)"))
 register(Step(
     "test_primaps", "utils.engine.evaluate_primaps", "test_primaps.py",
     (*DATA, *MODEL, *HEAD_MODEL, *EVALUATION, "mode", "head"), lambda paths: [paths.primaps_metrics],
-    _test_primaps_upstream, data=("val",), head="option", unused=_primaps_unused, neutral=("batch_size",),
-    pipeline="primaps", description="PriMaPs-EM's evaluation (docs/primaps.md §3)"))
+    _test_primaps_upstream, data=("val",), head="option", resize=PRIMAPS_RESIZE, unused=_primaps_unused,
+    neutral=("batch_size",), overrides={"precision": PRIMAPS_PRECISION}, pipeline="primaps",
+    description="PriMaPs-EM's evaluation (docs/primaps.md §3)"))
 
 for _module in filter(None, os.environ.get("CAUSE_EXTRA_STEPS", "").split(",")):
     importlib.import_module(_module.strip())
