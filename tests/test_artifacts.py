@@ -104,7 +104,7 @@ def test_mismatched_files_are_refused_with_the_reason(tmp_path, file_head, file_
 def test_truncated_or_missing_files_are_explained(tmp_path):
     path = released_file(tmp_path, "cluster", {"codebook": (11, 32), "cluster_probe": (5, 9)})
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ArtifactError, match="could not be read"):
+    with pytest.raises(ArtifactError, match="not a complete torch file.*delete it and rerun fine_tuning_tr.py"):
         load_state_strict(ClusterModule(11, 32, 9, 5), path, "cluster probe", "fine_tuning_tr.py")
     with pytest.raises(ArtifactError, match="run train_mediator.py first"):
         load_modular(tmp_path / "absent.npy", 11, 32)

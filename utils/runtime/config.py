@@ -9,7 +9,7 @@ count, epochs, the precision on this machine) is computed here, once. `result_se
 of a step's identity that comes from its options: what "up to date" compares.
 """
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from errors import UserError
@@ -149,12 +149,6 @@ def make_config(step, head, given):
     if uses_model:
         _check_resolutions(cfg)
     return cfg
-
-
-def config_values(cfg):
-    """{option name: value} of a Config (the options a later Config of another step is made from)."""
-    names = {f.name for f in fields(cfg)} & set(OPTIONS)
-    return {name: getattr(cfg, name) for name in names} | {"head": cfg.head}
 
 
 def result_settings(cfg):
