@@ -24,6 +24,7 @@ from utils.runtime.steps import PREDICT, STEPS
 from utils.runtime.pictures import colorize, palette
 
 RESOLUTION = 64
+IMAGE_SIZE = 128  # the tiny setup's images
 ORIENTATION = 0x0112
 
 
@@ -41,7 +42,7 @@ def trained(tmp_path_factory):
     pictures of all 3 val images."""
     torch.set_num_threads(1)  # as _one_thread, which runs after module fixtures
     root = tmp_path_factory.mktemp("trained")
-    data_dir, ckpt = make_tiny_setup(root)
+    data_dir, ckpt = make_tiny_setup(root, image_size=IMAGE_SIZE)
     args = step_args(data_dir, ckpt, root, resolution=RESOLUTION, extra=["--epochs", "1"])
     for step, head in (("mediator", None), ("front_door", "mlp"), ("fine_tune", "mlp")):
         run_step(step, head, args)
@@ -288,15 +289,18 @@ def test_a_demo_run_ends_by_segmenting_demo_images_with_the_model_it_tested(tmp_
 
 
 def test_a_primaps_model_predicts_as_its_test_step(trained, tmp_path):
-    """--model primaps: PriMaPs-EM's θ_M (here in backbone mode) gives the PriMaPs test step's predictions."""
+    """--model primaps: PriMaPs-EM's θ_M (here in backbone mode) gives the PriMaPs test step's predictions.
+    It tests at the val images' own size, so that its resizing (a float tensor's, as the official test's)
+    leaves them as they are and the pictures hold exactly what it read."""
     root, args, _ = trained
     primaps_args = [*args, "--mode", "backbone", "--epochs", "1", "--init_epochs", "1", "--pca_batches", "1",
-                    "--num_pictures", "-1"]
+                    "--num_pictures", "-1", "--test_resolution", str(IMAGE_SIZE)]
     run_step("primaps", None, primaps_args)
     run_step("test_primaps", None, primaps_args)
     results = root / "results" / "cocostuff27" / "PRIMAPS_BACKBONE" / "dino_vit_tiny_8"
     matching = np.array(json.loads((results / "metrics.json").read_text())["cluster_to_class"])
-    assert predict(trained, [results / "imgs"], tmp_path, "--crf", "--model", "primaps", "--mode", "backbone") == 0
+    assert predict(trained, [results / "imgs"], tmp_path, "--crf", "--model", "primaps", "--mode", "backbone",
+                   "--test_resolution", str(IMAGE_SIZE)) == 0
     predicted = set()
     for image in sorted((results / "imgs").glob("*.png")):
         ids = ids_of(tmp_path / "ids" / image.name)

@@ -145,7 +145,6 @@ def parse_options(argv=None):
 def main(argv=None):
     """Run predict.py; returns its exit status (user errors are raised, for utils/cli/steps.guarded)."""
     cfg, options = parse_options(argv)
-    cfg = with_backbone_file(cfg)
     return launch_single(lambda cfg, dist: predict(cfg, options, dist.device), cfg)
 
 
@@ -159,6 +158,7 @@ def predict(cfg, options, device):
     if not images:
         raise PredictError(f"no image files in {', '.join(map(str, options.inputs))} (looked for .jpg, .jpeg, .png, "
                            f".webp, .bmp, .tif, .tiff)")
+    cfg = with_backbone_file(cfg)  # once the inputs are known to hold images: it may download
     with crf_pool(cfg.crf_workers if options.crf else 1) as pool:  # before the model reaches a GPU (modules/crf.py)
         fingerprints = fingerprint_cache(cfg)
         load, _ = LOADERS[options.model]

@@ -59,6 +59,8 @@ def run_step(cfg, engine):
     """Run step `cfg.step` with `engine` (its module: `work(ctx)`, and `show_result(cfg, paths)` for an
     up-to-date evaluation); returns rank 0's result."""
     step = STEPS[cfg.step]
+    if not step.trains and torchrun_rank() != 0:
+        return None  # a step of one process: under torchrun, the first process runs it alone
     label = step.label(cfg.head)
     paths = paths_of(cfg)
     outputs = step.outputs(paths)

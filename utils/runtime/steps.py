@@ -5,8 +5,9 @@ done") holds, the record written beside its artifacts and the command named when
 
 A step is an engine module (`work(ctx)` does the step in one process, `show_result(cfg, paths)`
 prints the result of an up-to-date evaluation) and one `Step` entry. README, "The code", shows how
-to add one; `CAUSE_EXTRA_STEPS` names modules (comma-separated) that register steps of their own,
-so a project built on this one adds steps without editing it.
+to add one; `CAUSE_EXTRA_STEPS` names modules (comma-separated) that register steps of their own
+(`load_extra_steps`, which the entry points call), so a project built on this one adds steps without
+editing it.
 """
 import importlib
 import os
@@ -262,5 +263,10 @@ register(Step(
     neutral=("batch_size",), overrides={"precision": PRIMAPS_PRECISION}, pipeline="primaps",
     description="PriMaPs-EM's evaluation (docs/primaps.md §3)"))
 
-for _module in filter(None, os.environ.get("CAUSE_EXTRA_STEPS", "").split(",")):
-    importlib.import_module(_module.strip())
+
+
+def load_extra_steps():
+    """Import the modules CAUSE_EXTRA_STEPS names (comma-separated), which register steps of their own.
+    The entry points call it before anything else, so that such a module may import any layer."""
+    for module in filter(None, os.environ.get("CAUSE_EXTRA_STEPS", "").split(",")):
+        importlib.import_module(module.strip())
