@@ -253,6 +253,16 @@ def _unsupported(path, source, name, value, why):
     raise SotaFileError(f"{path}: its {source} says {name} = {value!r}: {why}")
 
 
+def _check_variant(path, source, get, feat_type, extra_clusters):
+    """Refuse the variants this project does not compute, named as the options store them."""
+    if get(feat_type) != "feat":
+        _unsupported(path, source, feat_type, get(feat_type),
+                     "only 'feat' (the last block's tokens) is supported (docs/sota.md §3)")
+    if get(extra_clusters) != 0:
+        _unsupported(path, source, extra_clusters, get(extra_clusters),
+                     "extra clusters are not supported (docs/sota.md §3)")
+
+
 def _check_stego(path, obj, sizes, arch):
     hyper = obj["hyper_parameters"]
     cfg = hyper.get("cfg")
@@ -262,12 +272,7 @@ def _check_stego(path, obj, sizes, arch):
     get = lambda name: _get(cfg, name, path, source)  # noqa: E731
     if get("arch") != "dino":
         _unsupported(path, source, "arch", get("arch"), "only STEGO's DINO models are supported")
-    if get("dino_feat_type") != "feat":
-        _unsupported(path, source, "dino_feat_type", get("dino_feat_type"),
-                     "only 'feat' (the last block's tokens) is supported (docs/sota.md §3)")
-    if get("extra_clusters") != 0:
-        _unsupported(path, source, "extra_clusters", get("extra_clusters"),
-                     "extra clusters are not supported (docs/sota.md §3)")
+    _check_variant(path, source, get, "dino_feat_type", "extra_clusters")
     continuous = get("continuous")
     dim_name, dim = ("dim", get("dim")) if continuous else ("n_classes (continuous false)", hyper.get("n_classes"))
     _refuse_mismatch(path, source, [
@@ -300,12 +305,7 @@ def _check_hp(path, options, where, sizes):
     if get("model.arch") != "dino" or "stego" not in str(get("model.name")).lower():
         _unsupported(path, source, "model.arch/name", (get("model.arch"), get("model.name")),
                      "HP's DINO STEGO model is the one it releases")
-    if get("model.pretrained.dino_feat_type") != "feat":
-        _unsupported(path, source, "model.pretrained.dino_feat_type", get("model.pretrained.dino_feat_type"),
-                     "only 'feat' (the last block's tokens) is supported (docs/sota.md §3)")
-    if get("model.extra_clusters") != 0:
-        _unsupported(path, source, "model.extra_clusters", get("model.extra_clusters"),
-                     "extra clusters are not supported (docs/sota.md §3)")
+    _check_variant(path, source, get, "model.pretrained.dino_feat_type", "model.extra_clusters")
     if options.get("eval", {}).get("is_direct", False):
         _unsupported(path, source, "eval.is_direct", True, "HP's released evaluation reads cosines (is_direct false)")
     continuous = get("model.continuous")
