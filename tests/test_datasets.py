@@ -387,3 +387,48 @@ def test_class_names_follow_the_label_maps_evaluation_uses():
     city = class_names("cityscapes")
     lut = DATASETS["cityscapes"].layout.lut()
     assert (city[lut[7]], city[lut[26]], city[lut[33]]) == ("road", "car", "bicycle")  # Cityscapes labelIds
+
+
+def _resized_size(height, width, res):
+    """torchvision's shorter-side rule."""
+    return (res, int(res * width / height)) if height <= width else (int(res * height / width), res)
+
+
+def _centre(array, res):
+    height, width = array.shape[-2:]
+    top, left = int(round((height - res) / 2)), int(round((width - res) / 2))
+    return array[..., top:top + res, left:left + res]
+
+
+def test_primaps_evaluation_resizes_as_the_official_test_and_its_training_bilinearly(data_dir):
+    """PriMaPs-EM's val items: the image a float tensor first, resized bilinearly without antialiasing,
+    the label by torch's nearest on the tensor, then the centre crop (docs/primaps.md §3); its training
+    images bilinearly on PIL (§1)."""
+    source = build_source_dataset("cityscapes", data_dir, "val")
+    image, label = source.read_pair(source.image_files[0], source.label_files[0])
+    size = _resized_size(image.height, image.width, 10)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
+    expected_image = _centre(torch.nn.functional.interpolate(pixels, size, mode="bilinear", align_corners=False), 10)
+    stored = torch.from_numpy(np.array(label)).float()[None, None]
+    expected_label = _centre(torch.nn.functional.interpolate(stored, size, mode="nearest"), 10)[0, 0].long()
+    item = build_dataset("cityscapes", data_dir, "val", 10, resize="tensor_bilinear")[0]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(item["img"], (expected_image[0] - mean[:, None, None]) / std[:, None, None])
+    lut = DATASETS["cityscapes"].layout.lut()
+    np.testing.assert_array_equal(item["label"].numpy(), lut[expected_label.numpy()])
+    # Torch's nearest and PIL's pick other pixels: the CAUSE steps' labels are not these.
+    nearest = build_dataset("cityscapes", data_dir, "val", 10)[0]["label"]
+    assert not torch.equal(nearest, item["label"])
+
+    train = build_dataset("cityscapes", data_dir, "train", 10, "images", resize="bilinear")
+    picture, _ = train.source.read_pair(train.source.image_files[0], train.source.label_files[0])
+    bilinear = np.array(picture.resize(size[::-1], Image.BILINEAR))
+    expected = torch.from_numpy(_centre(bilinear.transpose(2, 0, 1), 10).copy()).float() / 255
+    torch.testing.assert_close(train[0]["img"], (expected - mean[:, None, None]) / std[:, None, None])
+
+
+def test_the_short_last_batch_can_be_left_out():
+    kept = GlobalBatchSampler(10, 4, shards=1, shard=0, processes=1, rank=0, seed=0)
+    dropped = GlobalBatchSampler(10, 4, shards=1, shard=0, processes=1, rank=0, seed=0, drop_last=True)
+    assert [len(batch) for batch in kept] == [4, 4, 2] and [len(batch) for batch in dropped] == [4, 4]
+    assert list(dropped) == list(kept)[:2]

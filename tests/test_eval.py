@@ -133,3 +133,15 @@ def test_crf_image_wraps_out_of_range_like_the_official():
     bgr = crf_image(image)
     assert bgr.shape == (1, 3, 3)
     assert bgr[0, :, 0].tolist() == [255, 0, 100]
+
+
+def test_a_labelled_probe_is_scored_on_its_own_classes():
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    swapped = torch.tensor([[1, 1, 0, 0, 2, 2]])
+    matched, unmatched = MatchedMetrics(3), MatchedMetrics(3, matched=False)
+    for metrics in (matched, unmatched):
+        metrics.update(swapped, labels)
+    assert matched.compute()["mIoU"] == pytest.approx(100)
+    result = unmatched.compute()
+    assert result["mIoU"] == pytest.approx(100 / 3) and result["Acc"] == pytest.approx(100 / 3)
+    assert result["assignment"].tolist() == [0, 1, 2]

@@ -158,3 +158,14 @@ def test_a_second_run_of_a_step_stops_at_once_naming_the_first(tmp_path, capsys)
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"PID {os.getpid()}" in error and "is being run by another process" in error
     assert not (tmp_path / "CAUSE/cocostuff27/modularity/dino_vit_tiny_8/16/modular.npy").exists()
+
+
+def test_primaps_runs_in_float32_unless_asked_and_the_cause_steps_in_fp16_on_a_gpu(backbone_file, monkeypatch):
+    """On a GPU, `auto` is the official CAUSE fp16; PriMaPs-EM's official runs are float32."""
+    from utils.runtime import config
+    monkeypatch.setattr(config, "device_type", lambda gpu: "cuda")
+    given = {"ckpt": backbone_file}
+    assert make_config(STEPS["front_door"], "tr", given).precision == "fp16"
+    for name in ("primaps_init", "primaps", "test_primaps"):
+        assert make_config(STEPS[name], None, given).precision == "fp32", name
+        assert make_config(STEPS[name], None, {**given, "precision": "bf16"}).precision == "bf16", name
