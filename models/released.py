@@ -10,7 +10,7 @@ values, as are the variants this project does not compute (`dino_feat_type` othe
 `extra_clusters > 0`, PriMaPs features of a block other than the last).
 
 STEGO and HP (`SotaModel`, modules/sota.py):
-- `read_sota_file(path, options_path=None) -> SotaFile(family, arch, cfg, sizes, state, path)`:
+- `read_sota_file(path, options_path=None) -> SotaFile(family, arch, cfg, sizes, state, path, options_path)`:
   family "stego" (a Lightning .ckpt) or "hp" (`ckpt.pth`, with its `option.json`: `options_path`, or
   found beside the file or one folder up, where PriMaPs' HP downloads keep it); `arch` the project's
   backbone arch (`dino_vit_small_8`, ...); `cfg` the stored STEGO cfg (plus `n_classes`) or HP options,
@@ -332,6 +332,7 @@ class SotaFile(NamedTuple):
     sizes: HeadSizes
     state: dict  # the SotaModel state dict, float32
     path: str
+    options_path: str | None  # HP: the option.json read (given, or found beside the file); STEGO: None
 
 
 def read_sota_file(path, options_path=None):
@@ -342,12 +343,13 @@ def read_sota_file(path, options_path=None):
     what = f"{path} ({NAMES[family]})"
     sizes = _read_sizes(state, family, what)
     arch = dino_arch(sizes.width, sizes.patch, what)
+    where = None
     if family == "stego":
         cfg = _check_stego(path, obj, sizes, arch)
     else:
         options, where = _hp_options(path, options_path)
         cfg = _check_hp(path, options, where, sizes)
-    sota = SotaFile(family, arch, cfg, sizes, state, str(path))
+    sota = SotaFile(family, arch, cfg, sizes, state, str(path), str(where) if where else None)
     _check_keys(_expected_sota_state(sota), state, unexpected, what, LAYOUTS[family],
                 lambda key: _file_name(family, key))
     return sota

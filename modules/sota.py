@@ -174,13 +174,13 @@ class SotaModel(nn.Module):
         plain, averaged = flip_averaged(self.code, images, self.protocol.flip)
         return averaged if self.protocol.flip else plain
 
-    def eval_code(self, images, size=None):
-        """`eval_patch_code` upsampled bilinearly to `size` (default: the images')."""
-        return upsample(self.eval_patch_code(images), size or images.shape[-2:])
-
     def eval_log_probs(self, images, size=None):
         """The linear and cluster probes' log-probabilities at `size` (default: the images')."""
-        code = self.eval_code(images, size)
+        return self.log_probs_of(self.eval_patch_code(images), size or images.shape[-2:])
+
+    def log_probs_of(self, patch_code, size):
+        """The probes' log-probabilities of an evaluated code on the patch grid, upsampled bilinearly to `size`."""
+        code = upsample(patch_code, size)
         return SotaLogProbs(torch.log_softmax(self.linear_probe(code), dim=1),
                             self.cluster_probe.log_probs(code, self.protocol.cluster_alpha))
 

@@ -2,8 +2,10 @@
 
     bash run [demo] [--head tr|mlp] [--primaps] [OPTION ...]
 
---primaps adds PriMaPs-EM after the CAUSE steps (train_primaps.py, test_primaps.py; cause mode by
-default, `--mode backbone` for the plain backbone) and ends by printing both results.
+--primaps runs PriMaPs-EM (train_primaps.py, test_primaps.py) and ends by printing the results side by
+side: in cause mode (the default) after the CAUSE steps, whose features it fits; with `--mode backbone`
+alone, on the plain backbone; with `--mode stego|hp --sota_ckpt FILE` after test_sota.py has evaluated
+that released model.
 
 An option goes to the steps it is meant for: `--front_door.epochs 2` to that step alone, `--epochs 1`
 to every step that has an --epochs option, shared options (--dataset, --data_dir, --ckpt, --seed,
@@ -26,7 +28,9 @@ from utils.runtime.paths import paths_of
 from utils.runtime.steps import PREDICT, pipeline_steps, script_options
 
 ROOT = Path(__file__).resolve().parents[2]
-CHAINS = {"cause": ("cause",), "primaps": ("cause", "primaps")}
+# {PriMaPs mode: the chains `bash run --primaps` runs}; without --primaps the CAUSE chain alone.
+PRIMAPS_CHAINS = {"cause": ("cause", "primaps"), "backbone": ("primaps",), "stego": ("sota", "primaps"),
+                  "hp": ("sota", "primaps")}
 ENVIRONMENT = {"DATASET": "dataset", "CKPT": "ckpt", "DATA_DIR": "data_dir", "GPU": "gpu"}
 # Options that name one step's own work: given without a step they would redo more than meant.
 STEP_ONLY = {"restart"}
@@ -36,9 +40,21 @@ class PipelineError(UserError):
     pass
 
 
-def chain(primaps=False):
-    """The steps `bash run` runs, in order: CAUSE's, then PriMaPs-EM's with --primaps."""
-    return pipeline_steps(*CHAINS["primaps" if primaps else "cause"])
+def chain(primaps=False, mode="cause"):
+    """The steps `bash run` runs, in order: CAUSE's; with --primaps those PriMaPs-EM's `mode` needs, then its own."""
+    return pipeline_steps(*(PRIMAPS_CHAINS[mode] if primaps else ("cause",)))
+
+
+def mode_of(tokens):
+    """The PriMaPs mode `bash run`'s options ask for (the last --mode; cause when none)."""
+    mode = "cause"
+    for i, token in enumerate(tokens):
+        name, has_value, value = token.partition("=")
+        if name.rpartition(".")[2] == "--mode" or name.endswith(".mode"):
+            mode = value if has_value else (tokens[i + 1] if i + 1 < len(tokens) else mode)
+    if mode not in PRIMAPS_CHAINS:
+        raise PipelineError(f"--mode must be one of {', '.join(PRIMAPS_CHAINS)}, got {mode!r}")
+    return mode
 
 
 def known_options(steps):
@@ -106,11 +122,12 @@ def split_head(tokens, head):
 
 
 def usage():
-    steps = chain(primaps=True)
+    steps = pipeline_steps("cause", "sota", "primaps")
     lines = [__doc__.strip(), "", "pipeline options:",
              "  demo                 run on the embedded demo data (default when no data is configured)",
              f"  --head {{{','.join(HEADS)}}}       the segmentation head (default tr; PriMaPs' too)",
-             "  --primaps            then PriMaPs-EM (train_primaps.py, test_primaps.py) and both results", "",
+             "  --primaps            PriMaPs-EM (train_primaps.py, test_primaps.py) in its --mode, after the steps "
+             "that mode needs, and the results side by side", "",
              "step options (--NAME for every step that has it, --STEP.NAME for one):"]
     takes = known_options(steps)
     for option in OPTIONS.values():
@@ -139,7 +156,8 @@ def main(argv=None):
     head, rest = split_head(tokens, os.environ.get("HEAD", "tr"))
     primaps = "--primaps" in rest
     rest = [token for token in rest if token != "--primaps"]
-    steps = chain(primaps)
+    mode = mode_of(rest) if primaps else "cause"
+    steps = chain(primaps, mode)
     defaults = [f"--{option}={os.environ[variable]}" for variable, option in ENVIRONMENT.items()
                 if os.environ.get(variable)]
     data_given = any(t.split("=")[0].endswith("data_dir") for t in rest + defaults) or os.environ.get("CAUSE_DATA_DIR")
@@ -157,7 +175,8 @@ def main(argv=None):
         defaults = [*options, f"--data_dir={data_dir}", f"--ckpt={ckpt}", "--dataset=cocostuff27"]
         # predict.py takes the options it shares with the steps as the steps do (the model's sizes).
         routed = route(defaults + rest, {**known, "predict": set(PREDICT)})
-        predict_argv = routed.pop("predict") + predict_arguments(ROOT / "demo", head)
+        model = "cause" if mode == "cause" else "primaps"  # the CAUSE steps ran only in cause mode
+        predict_argv = routed.pop("predict") + predict_arguments(ROOT / "demo", head, model)
         parse_options(predict_argv)
         last.append(["predict.py", *predict_argv])
     else:
@@ -173,18 +192,33 @@ def main(argv=None):
         if done.returncode:
             return done.returncode
     if primaps:
-        print_both(configs["test"], configs["test_primaps"])
+        print_side_by_side(configs)
     return 0
 
 
-def print_both(cause, primaps):
-    """CAUSE's result and PriMaPs-EM's, after the CRF, from their metrics.json."""
-    ours = json.loads(paths_of(cause).metrics.read_text())
+def print_side_by_side(configs):
+    """What PriMaPs-EM starts from and what it gives, after the CRF, from their metrics.json."""
+    primaps = configs["test_primaps"]
     theirs = json.loads(paths_of(primaps).primaps_metrics.read_text())
-    name = f"CAUSE {cause.head.upper()}"
-    added = f"{name} + PriMaPs-EM" if primaps.mode == "cause" else "PriMaPs-EM on the backbone"
-    print(f"{name:<{len(added)}}  mIoU {ours['crf']['mIoU']:.1f}  pAcc {ours['crf']['pAcc']:.1f}  (after the CRF)")
-    print(f"{added}  mIoU {theirs['crf']['mIoU']:.1f}  pAcc {theirs['crf']['pAcc']:.1f}  (θ_M after the CRF)")
+    rows = []
+    if primaps.mode == "cause":
+        cause = configs["test"]
+        name = f"CAUSE {cause.head.upper()}"
+        rows.append((name, json.loads(paths_of(cause).metrics.read_text())["crf"], "after the CRF"))
+        added = f"{name} + PriMaPs-EM"
+    elif primaps.mode == "backbone":
+        rows.append(("its initialisation (PCA + k-means)", theirs["init_crf"], "after the CRF"))
+        added = "PriMaPs-EM on the backbone"
+    else:
+        sota = json.loads(paths_of(configs["test_sota"]).sota_metrics.read_text())
+        name = primaps.mode.upper()
+        rows.append((name, sota["crf"], "its own evaluation, after the CRF"))
+        rows.append((name, sota["primaps_protocol_crf"], "PriMaPs-EM's evaluation, after the CRF"))
+        added = f"{name} + PriMaPs-EM"
+    rows.append((added, theirs["crf"], "θ_M, PriMaPs-EM's evaluation, after the CRF"))
+    width = max(len(row[0]) for row in rows)
+    for name, result, how in rows:
+        print(f"{name:<{width}}  mIoU {result['mIoU']:.1f}  pAcc {result['pAcc']:.1f}  ({how})")
 
 
 if __name__ == "__main__":

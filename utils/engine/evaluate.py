@@ -38,16 +38,17 @@ def final_line(metrics):
     return f"mIoU: {metrics['crf']['mIoU']:.1f} pAcc: {metrics['crf']['pAcc']:.1f}"
 
 
-def score(ctx, pool, loader, predict, variants, pictures_dir, desc):
+def score(ctx, pool, loader, predict, variants, pictures_dir, desc, unmatched=()):
     """Predict every val image and score each variant; shared by the test steps.
 
     predict(images, labels) -> ({variant: class map [B,H,W]}, {variant: the CRF's input, log-probabilities
     [B,K,H,W]}, the linear probe's logits [B,n,h,w]); the CRF runs here, on `pool`. The pictures (imgs,
     labels, raw, crf, matched) show the variants "no_crf" and "crf". Returns ({variant: MatchedMetrics
-    result}, the linear probe's MatchedMetrics result: its own classes, no matching).
+    result}, the linear probe's MatchedMetrics result: its own classes, no matching). The variants named in
+    `unmatched` predict classes already (a labelled probe's) and are scored without matching.
     """
     cfg = ctx.cfg
-    metrics = {name: MatchedMetrics(cfg.n_classes, ctx.device) for name in variants}
+    metrics = {name: MatchedMetrics(cfg.n_classes, ctx.device, matched=name not in unmatched) for name in variants}
     probe = MatchedMetrics(cfg.n_classes, ctx.device, matched=False)
     palette = DATASETS[cfg.dataset].palette
     wanted_pictures = len(loader.dataset) if cfg.num_pictures < 0 else cfg.num_pictures

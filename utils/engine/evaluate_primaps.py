@@ -5,7 +5,10 @@ scores (evaluate.score: Hungarian-matched mIoU, pixel accuracy, per-class IoU, p
 The features are averaged with the mirrored image's; the logits are upsampled to the label size and
 the CRF is fed their log_softmax. The initial prototypes predict by cosine, as the official k-means
 probe does: in backbone mode they are PriMaPs' "baseline" row, in cause mode CAUSE's own
-prediction (its cluster probe; CAUSE's CRF input is log_softmax(3 · cosine), this one log_softmax(cosine)).
+prediction (its cluster probe; CAUSE's CRF input is log_softmax(3 · cosine), this one log_softmax(cosine)),
+in stego and hp modes the released model's cluster probe. A released PriMaPs checkpoint (--primaps_ckpt)
+is evaluated as the official test.py does (docs/sota.md §3b); a backbone-mode one holds no initial
+prototypes, so its evaluation has no init_* variants.
 """
 import json
 
@@ -16,7 +19,8 @@ from modules.features import flip_averaged, upsample
 from utils.engine import evaluate
 from utils.engine.loop import validation_loader
 from utils.engine.optim import Precision
-from utils.engine.trained import primaps_features, primaps_model
+from utils.engine.primaps import choices
+from utils.engine.trained import evaluated_primaps
 
 # The headline's variants keep the CAUSE test step's names, so both metrics.json read alike.
 VARIANTS = {
@@ -32,30 +36,34 @@ _PREFIXES = {"": "momentum", "theta_r_": "online", "init_": "initial_cosine"}
 
 
 def _label(cfg):
-    return f"[test primaps {cfg.head.upper() if cfg.head else 'backbone'}]"
+    return f"[test primaps {cfg.head.upper() if cfg.head else cfg.mode}]"
 
 
 @torch.no_grad()
 def work(ctx):
     cfg = ctx.cfg
     with crf_pool(cfg.crf_workers) as pool:  # before the models reach a GPU (modules/crf.py)
-        torch.manual_seed(0)
-        features, _ = primaps_features(cfg, ctx.upstream, ctx.device, Precision(cfg.precision, ctx.device))
-        model = primaps_model(cfg, ctx.upstream, ctx.device)
+        torch.manual_seed(0)  # also STEGO's dropout draws, with --sota_dropout official
+        features, model, initial_known = evaluated_primaps(cfg, ctx.upstream, ctx.device,
+                                                           Precision(cfg.precision, ctx.device))
+        prefixes = {prefix: name for prefix, name in _PREFIXES.items() if initial_known or prefix != "init_"}
+        variants = {name: text for name, text in VARIANTS.items() if initial_known or not name.startswith("init_")}
 
         def predict(images, labels):
             _, averaged = flip_averaged(features, images)
             maps, crf_inputs = {}, {}
-            for prefix, predictor in _PREFIXES.items():
+            for prefix, predictor in prefixes.items():
                 logits = upsample(getattr(model, predictor)(averaged), labels.shape[-2:])
                 maps[prefix + "no_crf"] = logits.argmax(dim=1)
                 crf_inputs[prefix + "crf"] = logits.log_softmax(dim=1)
             return maps, crf_inputs, model.linear(averaged)
 
-        results, probe = evaluate.score(ctx, pool, validation_loader(ctx, cfg.test_resolution), predict, VARIANTS,
+        results, probe = evaluate.score(ctx, pool, validation_loader(ctx, cfg.test_resolution), predict, variants,
                                         ctx.paths.primaps_results, f"{_label(cfg)} {cfg.dataset}")
-    report = evaluate.save_report(ctx, ctx.paths.primaps_metrics, results, probe, VARIANTS, dataset=cfg.dataset,
-                                  mode=cfg.mode, head=cfg.head, backbone=cfg.arch, checkpoint=str(cfg.ckpt))
+    report = evaluate.save_report(ctx, ctx.paths.primaps_metrics, results, probe, variants, dataset=cfg.dataset,
+                                  mode=cfg.mode, head=cfg.head, backbone=cfg.arch, checkpoint=str(cfg.ckpt),
+                                  released_primaps=str(cfg.primaps_ckpt) if cfg.primaps_ckpt else None,
+                                  **choices(ctx))
     print_report(cfg, ctx.paths, report)
     return report
 
@@ -63,9 +71,9 @@ def work(ctx):
 def print_report(cfg, paths, report):
     label = _label(cfg)
     evaluate.print_released(label, report)
-    for name in VARIANTS:
+    for name in report["variants"]:
         print(f"{label} {name:<15} mIoU {report[name]['mIoU']:5.1f}  pAcc {report[name]['pAcc']:5.1f}  "
-              f"({VARIANTS[name]})")
+              f"({report['variants'][name]})")
     print(f"{label} linear probe (uses labels) pixel accuracy {report['linear_probe_pixel_accuracy_uses_labels']:.1f}, "
           f"mIoU {report['linear_probe_mIoU_uses_labels']:.1f}")
     print(f"{label} metrics: {paths.primaps_metrics}; pictures: {paths.primaps_results}")

@@ -102,8 +102,10 @@ def training_set(ctx, resolution):
     return build_dataset(cfg.dataset, cfg.data_dir, "train", resolution, ctx.step.train_set, ctx.step.resize["train"])
 
 
-def validation_loader(ctx, resolution):
-    dataset = build_dataset(ctx.cfg.dataset, ctx.cfg.data_dir, "val", resolution, resize=ctx.step.resize["val"])
+def validation_loader(ctx, resolution, resize=None):
+    """The val split at `resolution`, resized as the step declares (or by `resize`, loader/transforms.RESIZES)."""
+    dataset = build_dataset(ctx.cfg.dataset, ctx.cfg.data_dir, "val", resolution,
+                            resize=resize or ctx.step.resize["val"])
     return evaluation_loader(dataset, ctx.cfg.batch_size, ctx.dist.rank, ctx.dist.world_size, ctx.cfg.num_workers)
 
 

@@ -39,7 +39,7 @@ from modules.features import upsample
 from modules.tiling import dense_feature_grid, resized, upsampled_bands, working_size
 from utils.engine.optim import Precision
 from utils.engine.predictors import LOADERS
-from utils.engine.status import fingerprint_cache, with_backbone_file
+from utils.engine.status import fingerprint_cache, uses_backbone, with_backbone_file
 from utils.runtime.config import ConfigError, build_parser, make_config
 from utils.runtime.options import HEADS
 from utils.runtime.steps import PREDICT, STEPS
@@ -58,7 +58,8 @@ FOLDERS = {"ids": ".png", "color": ".png", "overlay": ".jpg"}
 CLASSES_FILE = "classes.json"
 EXIT_SOME_FAILED = 1
 
-DESCRIPTION = "Segment your own images with a trained (or released) CAUSE model, or a PriMaPs-EM model."
+DESCRIPTION = ("Segment your own images with a trained (or released) CAUSE model, a PriMaPs-EM model, or a released "
+               "STEGO or HP model.")
 EPILOG = f"""\
 outputs, under --output, for each input NAME (its path under a folder given, without extension):
   ids/NAME.png      class ids (uint8) at the image's own width and height (after its EXIF rotation):
@@ -102,7 +103,9 @@ def build_predict_parser():
     own.add_argument("--model", choices=sorted(LOADERS), default="cause",
                      help="the method whose model segments: cause, CAUSE's nearest-centroid prediction; primaps, "
                           "PriMaPs-EM's momentum prototypes θ_M, as its test step predicts, in the --mode it was "
-                          "trained in (cause: on the --head's CAUSE features; backbone: on the plain backbone)")
+                          "trained in (cause: on the --head's CAUSE features; backbone: on the plain backbone; "
+                          "stego, hp: on the code of --sota_ckpt), or a released --primaps_ckpt; sota, the released "
+                          "STEGO or HP model --sota_ckpt alone, as its own evaluation predicts")
     own.add_argument("--crf", action="store_true",
                      help="refine with the test step's dense CRF. It runs on the image at the working scale "
                           f"(--short_side), shrunk further to at most {CRF_MAX_PIXELS} pixels; its class "
@@ -158,7 +161,8 @@ def predict(cfg, options, device):
     if not images:
         raise PredictError(f"no image files in {', '.join(map(str, options.inputs))} (looked for .jpg, .jpeg, .png, "
                            f".webp, .bmp, .tif, .tiff)")
-    cfg = with_backbone_file(cfg)  # once the inputs are known to hold images: it may download
+    if uses_backbone(cfg):
+        cfg = with_backbone_file(cfg)  # once the inputs are known to hold images: it may download
     with crf_pool(cfg.crf_workers if options.crf else 1) as pool:  # before the model reaches a GPU (modules/crf.py)
         fingerprints = fingerprint_cache(cfg)
         load, _ = LOADERS[options.model]
@@ -191,9 +195,11 @@ def matching(cfg, model, fingerprints):
     except (OSError, ValueError) as err:
         return None, f"{unmatched}: {path} cannot be read ({err}); rerun {evaluation} with --restart"
     made = report.get("identity", {})
-    current = {"backbone": fingerprints.file(cfg.ckpt),
+    current = {"backbone": fingerprints.file(cfg.ckpt) if uses_backbone(cfg) else None,
+               "sota": fingerprints.file(cfg.sota_ckpt) if cfg.sota_family is not None else None,
                "upstream": {name: identity_of(entry) for name, entry in model.upstream.items()}}
     if (report.get("dataset") != cfg.dataset or made.get("backbone", {}).get("fingerprint") != current["backbone"]
+            or made.get("sota", {}).get("fingerprint") != current["sota"]
             or made.get("upstream") != current["upstream"]):
         return None, (f"{unmatched}: {path} was made from other model files than these; rerun {evaluation} with the "
                       f"same options to match them")

@@ -20,8 +20,9 @@ predict.py upsamples features, not logits, to the image's size, as the test step
 for CAUSE's cosine logits the two differ (for a linear head they are the same). `scores` keep that
 prediction while upsampling fewer channels.
 
-Two loaders: CAUSE (its test step's prediction) and PriMaPs-EM (its test step's headline, θ_M,
-in either mode). A new model is one loader here plus its line in LOADERS (which --model lists).
+Three loaders: CAUSE (its test step's prediction), PriMaPs-EM (its test step's headline, θ_M, in any
+mode, trained here or released) and a released STEGO or HP model alone (its own evaluation's cluster
+prediction, test_sota.py). A new model is one loader here plus its line in LOADERS (which --model lists).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 from modules.features import flip_averaged, head_features
 from modules.probe import crf_log_probs
 from utils.engine.optim import Precision
-from utils.engine.status import upstream_inputs
-from utils.engine.trained import cause_modules, primaps_features, primaps_model
+from utils.engine.status import upstream_inputs, uses_backbone
+from utils.engine.trained import cause_modules, evaluated_primaps, sota_model
 from utils.runtime.paths import paths_of
 from utils.runtime.records import check_complete
 from utils.runtime.steps import command_of
@@ -114,24 +115,61 @@ class PriMaPsPredictor:
         return logits.log_softmax(dim=1)
 
 
+class SotaPredictor:
+    """A released STEGO or HP model's own prediction (docs/sota.md §1, §2): its evaluated code (STEGO's
+    averaged with the mirrored image's), the cluster probe's log_softmax(2 · cosine)."""
+
+    def __init__(self, model, precision, resolution, patch):
+        self.model, self.precision = model, precision
+        self.resolution, self.patch = resolution, patch
+        self.n_clusters = model.cluster_probe.clusters.shape[0]
+
+    def features(self, windows):
+        with self.precision.autocast():
+            return self.model.eval_patch_code(windows).float()
+
+    def logits(self, features):
+        return self.model.protocol.cluster_alpha * self.model.cluster_probe.cosine(features)
+
+    def scores(self, features):
+        """Dot products with the unit centres: the cosines times each pixel's positive code norm."""
+        return torch.einsum("bchw,nc->bnhw", features, F.normalize(self.model.cluster_probe.clusters, dim=1))
+
+    def crf_log_probs(self, logits):
+        return logits.log_softmax(dim=1)
+
+
 def _loaded_from(cfg, upstream, fingerprints, **what):
     """(description, files) of a model for classes.json: what it is and the fingerprints of its files."""
+    own = {}
+    if uses_backbone(cfg):
+        own["backbone"] = (str(cfg.ckpt), fingerprints.file(cfg.ckpt))
+    if cfg.sota_family is not None:
+        own[cfg.sota_family] = (str(cfg.sota_ckpt), fingerprints.file(cfg.sota_ckpt))
+    own.update({name: (entry["file"], entry["fingerprint"]) for name, entry in upstream.items()})
     description = {**what, "dataset": cfg.dataset, "backbone": cfg.arch,
-                   "fingerprints": {"backbone": fingerprints.file(cfg.ckpt),
-                                    **{name: entry["fingerprint"] for name, entry in upstream.items()}}}
-    files = {"backbone": str(cfg.ckpt), **{name: entry["file"] for name, entry in upstream.items()}}
+                   "fingerprints": {name: fingerprint for name, (_, fingerprint) in own.items()}}
+    files = {name: file for name, (file, _) in own.items()}
     return description, files
 
 
 def load_primaps(cfg, device, fingerprints):
-    """The PriMaPs model (--mode cause or backbone) the PriMaPs test step of `cfg` would evaluate."""
+    """The PriMaPs model (any --mode, or a released --primaps_ckpt) the PriMaPs test step of `cfg` would evaluate."""
     upstream = evaluated_inputs(cfg, fingerprints)
-    feature_fn, _ = primaps_features(cfg, upstream, device, Precision(cfg.precision, device))
-    predictor = PriMaPsPredictor(feature_fn, primaps_model(cfg, upstream, device), cfg.test_resolution, cfg.patch)
+    feature_fn, model, _ = evaluated_primaps(cfg, upstream, device, Precision(cfg.precision, device))
+    predictor = PriMaPsPredictor(feature_fn, model, cfg.test_resolution, cfg.patch)
     description, files = _loaded_from(cfg, upstream, fingerprints, model="primaps", mode=cfg.mode, head=cfg.head)
     return LoadedModel(predictor, upstream, paths_of(cfg).primaps_metrics, command_of(cfg.step, cfg), description,
                        files)
 
 
+def load_sota(cfg, device, fingerprints):
+    """The released STEGO or HP model of --sota_ckpt, as test_sota.py evaluates it."""
+    predictor = SotaPredictor(sota_model(cfg, device), Precision(cfg.precision, device), cfg.test_resolution,
+                              cfg.patch)
+    description, files = _loaded_from(cfg, {}, fingerprints, model=cfg.sota_family)
+    return LoadedModel(predictor, {}, paths_of(cfg).sota_metrics, command_of(cfg.step, cfg), description, files)
+
+
 # {--model: (the loader, the evaluation whose model it loads)}
-LOADERS = {"cause": (load_cause, "test"), "primaps": (load_primaps, "test_primaps")}
+LOADERS = {"cause": (load_cause, "test"), "primaps": (load_primaps, "test_primaps"), "sota": (load_sota, "test_sota")}

@@ -25,10 +25,11 @@ from utils.engine.loop import Training, fit, progress, training_set, validation_
 from utils.engine.optim import Precision, optimizer_step
 from utils.engine.primaps_masks import masks_name, prepare_masks
 from utils.engine.status import write_artifact_records
-from utils.engine.trained import Features, feature_dim, mask_backbone, primaps_features
+from utils.engine.trained import Features, feature_dim, mask_backbone, primaps_features, sota_features, sota_model
 from utils.runtime.artifacts import load_state_strict
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
 from utils.runtime.io import save_torch
+from utils.runtime.records import weights_fingerprint
 
 FOCAL_GAMMA = 2.0
 MOMENTUM_EVERY = 10  # θ_M follows θ_R after the batches that 10, 20, ... batches preceded (momentum_update_due)
@@ -157,12 +158,18 @@ def work(ctx):
     model = PriMaPsModel(feature_dim(cfg), cfg.n_classes)
     precision = Precision(cfg.precision, ctx.device)
     dataset = training_set(ctx, cfg.train_resolution)
-    mask_files = ctx.paths.primaps_mask_files(masks_name(cfg), dataset.source.image_files)
     with crf_pool(cfg.crf_workers) as pool:  # before a model reaches a GPU (modules/crf.py)
-        backbone = mask_backbone(cfg, ctx.device)
-        prepare_masks(ctx, backbone, dataset, mask_files, pool, MASK_BACKBONE_HEADS)
+        # The masks' backbone: the plain DINO ViT as PriMaPs builds it, or the one inside the STEGO or HP file.
+        sota = sota_model(cfg, ctx.device) if cfg.mode in ("stego", "hp") else None
+        backbone = sota.backbone if sota is not None else mask_backbone(cfg, ctx.device)
+        weights = weights_fingerprint(backbone)
+        mask_files = ctx.paths.primaps_mask_files(masks_name(cfg, weights), dataset.source.image_files)
+        prepare_masks(ctx, backbone, dataset, mask_files, pool, MASK_BACKBONE_HEADS, weights)
     if cfg.mode == "backbone":
         features, start = Features(backbone, None, precision), initial_prototypes(ctx)
+    elif sota is not None:
+        # θ_R starts from the SotA model's cluster centres, g = 1 (docs/sota.md §3): no PCA or k-means stage.
+        features, start = sota_features(cfg, sota, precision), sota.cluster_probe.clusters.detach()
     else:
         del backbone  # cause mode's features come from CAUSE's own definition of the backbone
         features, start = primaps_features(cfg, ctx.upstream, ctx.device, precision)
@@ -182,12 +189,27 @@ def work(ctx):
         kept = (f"the epoch with the best θ_M val mIoU (selected with the val labels): epoch {training.best['epoch']}"
                 if training.best is not None else "the last epoch")
         write_artifact_records(ctx, [ctx.paths.primaps], epochs_done,
-                               {"kept": kept, "pseudo_masks": str(mask_files[0].parent)})
+                               {"kept": kept, "pseudo_masks": str(mask_files[0].parent), **choices(ctx)})
 
     fit(ctx, training, cfg.train_resolution, save, dataset=WithMasks(dataset, mask_files))
     if ctx.dist.is_main:
         print(f"[primaps] prototypes saved to {ctx.paths.primaps}")
     return str(ctx.paths.primaps)
+
+
+def choices(ctx):
+    """The choices a PriMaPs-EM result depends on, said in words in its record (their values are in its
+    identity): what the features are, and how they were computed."""
+    cfg = ctx.cfg
+    features = {"cause": f"head_ema of CAUSE's {(cfg.head or '').upper()} segment module",
+                "backbone": f"the plain {cfg.arch} backbone's patch tokens",
+                "stego": f"the STEGO code of {cfg.sota_ckpt}" + (
+                    ", its Dropout2d(0.1) active as in the official wrapper" if cfg.sota_dropout == "official"
+                    else ", STEGO in eval mode"),
+                "hp": f"the online code of HP's {cfg.sota_ckpt}, in eval mode"}[cfg.mode]
+    return {"choices": {"mode": cfg.mode, "features": features, "precision": cfg.precision,
+                        "resize": ctx.step.resize, "drop_last": ctx.step.drop_last,
+                        "masks_backbone": f"{cfg.arch}, DINO's {MASK_BACKBONE_HEADS}-head definition"}}
 
 
 def initial_prototypes(ctx):

@@ -13,7 +13,7 @@ generator seeded with (run seed, image index), so a rerun writes the same masks.
 An image whose mask proposals come out NaN (features without any direction, e.g. constant
 patches: the official code divides 0 by 0 there) gets no mask: every pixel 255, so it adds nothing
 to training. masks.json lists the images without any mask pixel, whatever the reason. The folder is
-shared by the runs of both modes on the same backbone and data: one computes its masks at a time
+shared by the runs of every mode on the same backbone weights and data: one computes its masks at a time
 (a lock beside it), the other then finds them made.
 """
 import json
@@ -38,16 +38,18 @@ from utils.runtime.records import StaleInputError, differences, now, project_ver
 INFO = "masks.json"
 
 
-def masks_name(cfg):
-    """The folder name of a run's masks: what a user tells them apart by (masks.json holds the rest)."""
-    return f"{cfg.baseline}_{cfg.train_resolution}px_threshold{cfg.threshold:g}_seed{cfg.seed}"
+def masks_name(cfg, weights):
+    """The folder name of a run's masks: what a user tells them apart by (masks.json holds the rest).
+    `weights`: the backbone's weights_fingerprint, so that every run on the same weights shares the
+    masks, whichever file held them (a backbone release, or the DINO ViT inside a STEGO or HP file)."""
+    return f"{cfg.arch}_{weights.split(':')[-1][:8]}_{cfg.train_resolution}px_threshold{cfg.threshold:g}_seed{cfg.seed}"
 
 
-def masks_identity(ctx, mask_heads):
+def masks_identity(ctx, mask_heads, weights):
     """Everything the masks depend on. The features are computed in float32 whatever --precision says."""
     cfg = ctx.cfg
     return {"arch": cfg.arch, "attention_heads_of_dino_vit_small": mask_heads,
-            "backbone": ctx.identity["backbone"]["fingerprint"], "train_images": ctx.identity["data"]["train"],
+            "backbone_weights": weights, "train_images": ctx.identity["data"]["train"],
             "resolution": cfg.train_resolution, "resize": ctx.step.resize["train"], "threshold": cfg.threshold,
             "seed": cfg.seed}
 
@@ -159,17 +161,17 @@ def _gather(values):
 
 
 @torch.no_grad()
-def prepare_masks(ctx, backbone, dataset, mask_files, pool, mask_heads):
+def prepare_masks(ctx, backbone, dataset, mask_files, pool, mask_heads, weights):
     """Make sure every training image has its pseudo mask in `mask_files` (see the module's doc);
-    called by every process of the run, `backbone` on the process's device."""
+    called by every process of the run, `backbone` on the process's device, `weights` its fingerprint."""
     folder = mask_files[0].parent
     lock = folder.with_name(f".{folder.name}.lock")
     with exclusive(lock, f"[primaps] the pseudo masks in {folder}") if ctx.dist.is_main else nullcontext():
-        _prepare(ctx, backbone, dataset, mask_files, pool, mask_heads, folder)
+        _prepare(ctx, backbone, dataset, mask_files, pool, mask_heads, folder, weights)
 
 
-def _prepare(ctx, backbone, dataset, mask_files, pool, mask_heads, folder):
-    identity = masks_identity(ctx, mask_heads)
+def _prepare(ctx, backbone, dataset, mask_files, pool, mask_heads, folder, weights):
+    identity = masks_identity(ctx, mask_heads, weights)
     if ctx.dist.is_main:
         _claim_folder(ctx, folder, identity)
     barrier()

@@ -69,7 +69,7 @@ def run_step(cfg, engine):
         return None
     if released(cfg, label, outputs):
         return _show(engine, cfg, paths)
-    if uses_backbone(step):
+    if uses_backbone(cfg):
         cfg = with_backbone_file(cfg)
     recipe = recipe_for(cfg, step.paper_gpus, process_count(cfg)) if step.trains else None
     files = run_files(cfg, outputs)

@@ -30,8 +30,9 @@ def say(text):
         print(text)
 
 
-def uses_backbone(step):
-    return "ckpt" in step.options
+def uses_backbone(cfg):
+    """Whether the step reads a backbone file (--ckpt): not where a released model holds its own."""
+    return "ckpt" in STEPS[cfg.step].options and cfg.ckpt is not None
 
 
 def fingerprint_cache(cfg):
@@ -56,6 +57,11 @@ def upstream_inputs(cfg, paths, fingerprints):
     at a missing one, naming the command that makes it."""
     upstream = {}
     for name, wanted in STEPS[cfg.step].upstream(cfg, paths).items():
+        if wanted.step is None:
+            if not Path(wanted.path).is_file():
+                raise StaleInputError(f"{wanted.path} (given with {wanted.given}) does not exist")
+            upstream[name] = upstream_entry(wanted.path, f"the released file given with {wanted.given}", fingerprints)
+            continue
         made_by = command_of(wanted.step, cfg)
         if not wanted.path.exists():
             raise StaleInputError(f"{wanted.path} does not exist: run {made_by} first (or place the released "
@@ -80,9 +86,17 @@ def identity(cfg, recipe, fingerprints, files, upstream):
              "data": {split: fingerprints.file_list(listed, cfg.data_dir, timed=step.timed_sources)
                       for split, listed in files.items()},
              "upstream": {name: identity_of(entry) for name, entry in upstream.items()}}
-    if uses_backbone(step):
+    if uses_backbone(cfg):
         found["backbone"] = {"arch": cfg.arch, "fingerprint": fingerprints.file(cfg.ckpt)}
+    if cfg.sota_family is not None:
+        found["sota"] = sota_identity(cfg, fingerprints)
     return found
+
+
+def sota_identity(cfg, fingerprints):
+    """The released STEGO or HP model a step reads (--sota_ckpt, and HP's option.json): by content."""
+    return {"family": cfg.sota_family, "arch": cfg.arch, "fingerprint": fingerprints.file(cfg.sota_ckpt),
+            "options": fingerprints.file(cfg.sota_options) if cfg.sota_options else None}
 
 
 def released(cfg, label, outputs):
@@ -162,7 +176,10 @@ def step_record(ctx, epochs_done, artifact_fingerprints=None):
         "accepted_partial": ctx.warnings, "version": project_version(), "written": now(), "run_id": ctx.run_id,
         "command": " ".join(sys.argv),
     }
-    if uses_backbone(step):
+    if cfg.sota_family is not None:
+        record["sota"] = {"file": str(cfg.sota_ckpt), "options_file": str(cfg.sota_options) if cfg.sota_options
+                          else None, **ctx.identity["sota"]}
+    if uses_backbone(cfg):
         # Where the file came from is recorded, apart from the identity: it never makes a step rerun.
         fetched = downloaded(cfg.ckpt)
         record["backbone"] = {"file": str(cfg.ckpt), **ctx.identity["backbone"],

@@ -1,4 +1,5 @@
-"""Trained models loaded from explicit files: CAUSE's modules, PriMaPs-EM's features and prototypes.
+"""Trained models loaded from explicit files: CAUSE's modules, PriMaPs-EM's features and prototypes,
+released STEGO, HP and PriMaPs files (docs/sota.md).
 
 Shared by the test steps, PriMaPs-EM (which fits prototypes to CAUSE's features in cause mode) and
 predict.py, so that each reads the same files the same way. `upstream` arguments are the entries of
@@ -7,10 +8,13 @@ command that makes each, named when one does not fit.
 """
 import torch
 
+from models.released import SotaFileError, load_sota_model
+from models.released_primaps import load_primaps_backbone, load_primaps_model, read_primaps_checkpoint
 from modules.features import backbone_map, head_map
 from modules.heads import build_segment
 from modules.primaps import MASK_BACKBONE_HEADS, PriMaPsModel
 from modules.probe import ClusterModule
+from modules.sota import channel_dropout
 from utils.engine.loop import make_backbone
 from utils.runtime.artifacts import load_modular, load_state_strict
 
@@ -43,9 +47,34 @@ class Features:
         return head_map(self.backbone, self.segment, images, self.precision.autocast)
 
 
+class SotaFeatures:
+    """PriMaPs-EM's Φ(x) [B, d, h, w] on a released STEGO or HP model: its online code (docs/sota.md §3),
+    float32 without gradient, under the run's autocast; `dropout` (modules/sota.py) None for eval mode."""
+
+    def __init__(self, model, dropout, precision):
+        self.model, self.dropout, self.precision = model, dropout, precision
+
+    @torch.no_grad()
+    def __call__(self, images):
+        with self.precision.autocast():
+            return self.model.features_for_primaps(images, self.dropout).float()
+
+
+def sota_model(cfg, device):
+    """The released STEGO or HP model of --sota_ckpt, loaded strictly (models/released.py)."""
+    return load_sota_model(cfg.sota_ckpt, cfg.sota_options).to(device)
+
+
+def sota_features(cfg, model, precision):
+    """The code of `model` as PriMaPs-EM reads it: STEGO's dropout active with --sota_dropout official, as
+    the official wrapper leaves STEGO in train mode; HP in eval mode, as the official code puts it."""
+    official_dropout = cfg.mode == "stego" and cfg.sota_dropout == "official"
+    return SotaFeatures(model, channel_dropout if official_dropout else None, precision)
+
+
 def feature_dim(cfg):
-    """The width of PriMaPs-EM's features: CAUSE's head (cause mode) or the backbone's."""
-    return cfg.reduced_dim if cfg.mode == "cause" else cfg.dim
+    """The width of PriMaPs-EM's features: CAUSE's head (cause mode), the SotA code's, or the backbone's."""
+    return {"cause": cfg.reduced_dim, "stego": cfg.code_dim, "hp": cfg.code_dim}.get(cfg.mode, cfg.dim)
 
 
 def mask_backbone(cfg, device):
@@ -55,11 +84,14 @@ def mask_backbone(cfg, device):
 
 
 def primaps_features(cfg, upstream, device, precision):
-    """The features of `cfg.mode`, and (cause mode) CAUSE's cluster probe [K, 90] the prototypes start
-    from; None in backbone mode."""
+    """The features of `cfg.mode`, and the prototypes they start from, [K, C]: CAUSE's cluster probe (cause
+    mode), the STEGO or HP model's cluster centres (stego, hp); None in backbone mode."""
     if cfg.mode == "cause":
         backbone, segment, cluster = cause_modules(cfg, upstream, device)
         return Features(backbone, segment, precision), cluster.cluster_probe.detach()
+    if cfg.mode in ("stego", "hp"):
+        model = sota_model(cfg, device)
+        return sota_features(cfg, model, precision), model.cluster_probe.clusters.detach()
     return Features(mask_backbone(cfg, device), None, precision), None
 
 
@@ -67,3 +99,21 @@ def primaps_model(cfg, upstream, device):
     """The PriMaPs-EM model of upstream "primaps", loaded strictly."""
     model = PriMaPsModel(feature_dim(cfg), cfg.n_classes).to(device)
     return load_state_strict(model, upstream["primaps"]["file"], "PriMaPs model", upstream["primaps"]["produced_by"])
+
+
+def evaluated_primaps(cfg, upstream, device, precision):
+    """(features, PriMaPsModel, whether its initial prototypes are known) of the model a PriMaPs evaluation
+    reads: trained here, or a released checkpoint (--primaps_ckpt, docs/sota.md §3b), which holds no
+    initial prototypes except that +SotA ones started from the SotA model's cluster centres."""
+    if cfg.primaps_ckpt is None:
+        features, _ = primaps_features(cfg, upstream, device, precision)
+        return features, primaps_model(cfg, upstream, device), True
+    checkpoint = read_primaps_checkpoint(upstream["primaps"]["file"])
+    if checkpoint.sota is None:
+        backbone = load_primaps_backbone(checkpoint).to(device)
+        return Features(backbone, None, precision), load_primaps_model(checkpoint).to(device), False
+    features, start = primaps_features(cfg, upstream, device, precision)
+    if checkpoint.in_channels != cfg.code_dim:
+        raise SotaFileError(f"{cfg.primaps_ckpt}'s prototypes act on {checkpoint.in_channels} channels, but the "
+                            f"code of {cfg.sota_ckpt} has {cfg.code_dim}: not the model it was trained on")
+    return features, load_primaps_model(checkpoint.with_initial(start)).to(device), True

@@ -15,8 +15,10 @@ from pathlib import Path
 from errors import UserError
 from loader import DATASETS
 from models import ARCHS, resolve_arch
+from models.released import read_sota_file
+from models.released_primaps import read_primaps_checkpoint
 from utils.runtime.distributed import requested_gpus
-from utils.runtime.options import OPTIONS, POSITIVE
+from utils.runtime.options import OPTIONS, POSITIVE, SOTA_MODES
 from utils.runtime.steps import STEPS, script_options
 
 
@@ -93,15 +95,27 @@ class Config:
     init_epochs: int | None
     pca_batches: int
     keep_best_on_val: bool
+    sota_ckpt: Path | None
+    sota_options: Path | None  # HP's option.json, found beside its ckpt.pth when not given
+    sota_dropout: str | None
+    primaps_ckpt: Path | None
     # derived
     n_classes: int
     dim: int
     patch: int
     family: str
+    sota_family: str | None  # "stego" or "hp": the released model --sota_ckpt holds, where the step reads one
+    code_dim: int  # the width of that model's code (0 without one)
 
     @property
     def baseline(self):
-        """The backbone checkpoint's file stem: it names the artifact folders (docs/cause.md §3)."""
+        """What names the artifact folders: the backbone checkpoint's file stem (docs/cause.md §3); the
+        released STEGO or HP model's name where its code is the features; released_<stem> for a released
+        PriMaPs checkpoint."""
+        if self.primaps_ckpt is not None:
+            return f"released_{self.primaps_ckpt.stem}"
+        if self.sota_family is not None:
+            return sota_name(self.sota_ckpt)
         return self.ckpt.stem
 
     @property
@@ -124,6 +138,7 @@ def make_config(step, head, given):
     values.update(given)
     values.update(step.fixed)
     _check_counts(values)
+    released_arch = _released_primaps(values)
     head_option = values.pop("head")
     if step.head == "option":
         head = head_option
@@ -134,8 +149,11 @@ def make_config(step, head, given):
             head = None
         else:
             values[name] = None
-    uses_model = "ckpt" in step.options
-    arch = resolve_arch(values["ckpt"], values["arch"]) if uses_model else None
+    sota = _sota_file(step, values)
+    arch = sota.arch if sota else released_arch
+    if arch is None and values["ckpt"] is not None and "ckpt" in step.options:
+        arch = resolve_arch(values["ckpt"], values["arch"])
+    uses_model = arch is not None
     spec = ARCHS[arch] if arch else None
     train_res, test_res = default_resolutions(step, head, spec.family if spec else "dino")
     epochs = values[step.epochs_option] if values[step.epochs_option] is not None else step.default_epochs(head)
@@ -145,10 +163,69 @@ def make_config(step, head, given):
                                       "train_resolution": values["train_resolution"] or train_res,
                                       "test_resolution": values["test_resolution"] or test_res},
         n_classes=DATASETS[values["dataset"]].n_classes, dim=spec.dim if spec else 0,
-        patch=spec.patch if spec else 1, family=spec.family if spec else "")
+        patch=spec.patch if spec else 1, family=spec.family if spec else "",
+        sota_family=sota.family if sota else None, code_dim=sota.sizes.code_dim if sota else 0)
     if uses_model:
         _check_resolutions(cfg)
     return cfg
+
+
+def sota_name(path):
+    """A released STEGO or HP model's name: its file's stem, or the folder of an HP ckpt.pth (its experiment)."""
+    path = Path(path)
+    return path.parent.name if path.stem == "ckpt" and path.parent.name else path.stem
+
+
+def _check_classes(values, n_classes, path):
+    wanted = DATASETS[values["dataset"]].n_classes
+    if n_classes != wanted:
+        raise ConfigError(f"{path} predicts {n_classes} classes, but --dataset {values['dataset']} has {wanted}: "
+                          f"pass the data set it was trained on")
+
+
+def _released_primaps(values):
+    """With --primaps_ckpt (docs/sota.md §3b): the released file decides the mode and, unless given, the test
+    resolution and (+SotA) the STEGO or HP file; `values` are updated. Returns the backbone's arch in
+    backbone mode (the backbone inside the file), else None."""
+    path = values.get("primaps_ckpt")
+    if path is None:
+        return None
+    released = read_primaps_checkpoint(path)
+    mode = released.sota or "backbone"
+    if values["mode"] not in ("cause", mode):  # cause: the default, which no released file has
+        raise ConfigError(f"--mode {values['mode']}, but {path} is a PriMaPs checkpoint of {mode} mode")
+    values["mode"] = mode
+    _check_classes(values, released.n_classes, path)
+    if values["test_resolution"] is None:
+        values["test_resolution"] = released.resolution
+    if released.sota is None:
+        return released.arch
+    if values["sota_ckpt"] is None:
+        values["sota_ckpt"] = Path(released.sota_path)
+    stored_options = released.sota_options_path
+    if values["sota_options"] is None and stored_options and Path(stored_options).is_file():
+        values["sota_options"] = Path(stored_options)
+    return None
+
+
+def _sota_file(step, values):
+    """The released STEGO or HP file the step reads (test_sota; PriMaPs-EM in --mode stego|hp), checked
+    against the mode and the data set; None when it reads none. HP's option.json is resolved in `values`."""
+    takes_mode = "mode" in step.options
+    if "sota_ckpt" not in step.options or (takes_mode and values["mode"] not in SOTA_MODES):
+        return None
+    what = f"--mode {values['mode']} fits PriMaPs-EM to" if takes_mode else f"{step.script} evaluates"
+    if values["sota_ckpt"] is None:
+        raise ConfigError(f"{what} a released STEGO or HP model: pass its file with --sota_ckpt (a STEGO .ckpt, "
+                          f"or HP's ckpt.pth with its option.json beside it or --sota_options)")
+    sota = read_sota_file(values["sota_ckpt"], values["sota_options"])
+    if takes_mode and sota.family != values["mode"]:
+        kind = "an HP" if sota.family == "hp" else "a STEGO"
+        raise ConfigError(f"--mode {values['mode']}, but {values['sota_ckpt']} is {kind} checkpoint: pass "
+                          f"--mode {sota.family}")
+    _check_classes(values, sota.sizes.n_classes, values["sota_ckpt"])
+    values["sota_options"] = Path(sota.options_path) if sota.options_path else None
+    return sota
 
 
 def result_settings(cfg):

@@ -20,7 +20,9 @@ from utils.runtime.backbone_files import default_cache_dir
 
 HEADS = ("mlp", "tr")
 RECIPES = ("paper", "scaled")
-PRIMAPS_MODES = ("cause", "backbone")
+PRIMAPS_MODES = ("cause", "backbone", "stego", "hp")
+SOTA_MODES = ("stego", "hp")  # PriMaPs-EM on a released STEGO or HP model (+SotA+PriMaPs, docs/sota.md §3)
+SOTA_DROPOUT = ("official", "eval")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
 
@@ -150,13 +152,34 @@ _OPTIONS = (
         changes_result=False),
     Option("num_pictures", "evaluation", dict(
         type=int, default=100, help="val images whose predictions are saved as pictures (-1: all of them)")),
+    # released models of other methods
+    Option("sota_ckpt", "released models", dict(
+        type=Path, default=None,
+        help="a released STEGO .ckpt or HP ckpt.pth (the method is read from the file; the DINO ViT inside it is "
+             "used): test_sota.py evaluates it, --mode stego|hp fits PriMaPs-EM to its code"), changes_result=False),
+    Option("sota_options", "released models", dict(
+        type=Path, default=None,
+        help="HP's option.json, when it is neither beside ckpt.pth nor one folder up"), changes_result=False),
+    Option("sota_dropout", "released models", dict(
+        default="official", choices=SOTA_DROPOUT,
+        help="--mode stego: official (default): STEGO's Dropout2d(0.1) stays active while PriMaPs-EM trains, "
+             "validates and tests, as the official PriMaPs wrapper leaves STEGO in train mode; eval: STEGO in "
+             "eval mode. HP runs in eval mode either way, as the official code puts it")),
+    Option("primaps_ckpt", "released models", dict(
+        type=Path, default=None,
+        help="a released PriMaPs .ckpt to evaluate (test_primaps.py) or segment with (predict.py): its mode, "
+             "backbone and resolution are the file's (--test_resolution overrides); a +SotA file also needs the "
+             "STEGO or HP file it was trained on (--sota_ckpt, else the path its options store)"),
+        changes_result=False),
     # PriMaPs
     Option("mode", "PriMaPs", dict(
         default="cause", choices=PRIMAPS_MODES,
         help="cause: fit the prototypes to CAUSE's own features (head_ema of the trained segment module, "
              "prototypes initialised from its cluster probe; needs the CAUSE steps' artifacts); backbone: "
-             "PriMaPs-EM on the plain backbone (DINO's 6-head ViT-S), initialised by PCA and k-means "
-             "(predict.py: the mode of the PriMaPs model --model primaps reads)")),
+             "PriMaPs-EM on the plain backbone (DINO's 6-head ViT-S), initialised by PCA and k-means; stego, hp: "
+             "on the code of the released STEGO or HP model --sota_ckpt, initialised from its cluster probe "
+             "(+SotA+PriMaPs). A released --primaps_ckpt says its own mode. predict.py: the mode of the PriMaPs "
+             "model --model primaps reads")),
     Option("head", "PriMaPs", dict(
         default="tr", choices=HEADS, help="cause mode: the CAUSE head whose features are used")),
     Option("threshold", "PriMaPs", dict(

@@ -10,16 +10,21 @@ dropped into `CAUSE/` load unchanged:
     CAUSE/{dataset}/{baseline}/{K}/cluster_{head}.pth                fine-tune
     results/{dataset}/{MLP|TR}/{baseline}/{K}/                       test (metrics.json, pictures)
 
-PriMaPs-EM (docs/primaps.md; `mode` cause or backbone):
+PriMaPs-EM (docs/primaps.md; `mode` cause, backbone, stego or hp) and released STEGO and HP models
+(docs/sota.md):
 
     CAUSE/{dataset}/primaps_masks/{masks name}/{image stem}.png      pseudo masks (masks.json: what made them)
     CAUSE/{dataset}/{baseline}/{K}/primaps_{head}.pth                train_primaps, cause mode
     CAUSE/{dataset}/primaps/{baseline}/init.pth                      train_primaps, backbone mode: PCA + k-means
     CAUSE/{dataset}/primaps/{baseline}/primaps.pth                   train_primaps, backbone mode
+    CAUSE/{dataset}/primaps_{stego|hp}/{baseline}/primaps.pth        train_primaps on a STEGO or HP model
     results/{dataset}/PRIMAPS_{MLP|TR}/{baseline}/{K}/               test_primaps, cause mode
-    results/{dataset}/PRIMAPS_BACKBONE/{baseline}/                   test_primaps, backbone mode
+    results/{dataset}/PRIMAPS_{BACKBONE|STEGO|HP}/{baseline}/        test_primaps, the other modes
+    results/{dataset}/{STEGO|HP}/{baseline}/                         test_sota
 
-`baseline` is the backbone checkpoint's file stem. Beside every artifact a record with the same
+`baseline` is the backbone checkpoint's file stem; a STEGO or HP model's name (its file's stem, or
+the folder of HP's ckpt.pth) where its code is the features; released_{stem} for a released PriMaPs
+checkpoint (utils/runtime/config.Config.baseline). Beside every artifact a record with the same
 stem (`segment_tr.json`, ...) says what made it (utils/runtime/records.py); the test step's
 record is inside its metrics.json, the crop step's inside its folder. A step's other files follow
 from its main artifact (RunFiles): its resume state in `resume/` beside it, the lock held while it
@@ -40,8 +45,9 @@ class ArtifactPaths:
     root: Path = Path("CAUSE")
     results_root: Path = Path("results")
     logs_root: Path = Path("logs")
-    primaps_mode: str | None = None  # "cause" | "backbone": which PriMaPs artifacts (None outside PriMaPs)
+    primaps_mode: str | None = None  # cause, backbone, stego, hp: which PriMaPs artifacts (None outside PriMaPs)
     data_dir: Path = Path("data")
+    sota_family: str | None = None  # "stego" | "hp": the released model a step reads, if any
 
     @property
     def crops(self):
@@ -101,11 +107,23 @@ class ArtifactPaths:
         return [folder / f"{Path(image).stem}.png" for image in image_files]
 
     @property
+    def sota_results(self):
+        """test_sota's metrics.json and pictures of a released STEGO or HP model."""
+        if self.sota_family not in ("stego", "hp"):
+            raise ValueError(f"a released model's results need sota_family 'stego' or 'hp', got {self.sota_family!r}")
+        return Path(self.results_root) / self.dataset / self.sota_family.upper() / self.baseline
+
+    @property
+    def sota_metrics(self):
+        return self.sota_results / "metrics.json"
+
+    @property
     def primaps_dir(self):
-        """Cause mode: beside the CAUSE files the prototypes start from; backbone mode: a folder of its own."""
-        if self._primaps() == "cause":
+        """Cause mode: beside the CAUSE files the prototypes start from; the other modes: a folder of their own."""
+        mode = self._primaps()
+        if mode == "cause":
             return self.head_dir
-        return Path(self.root) / self.dataset / "primaps" / self.baseline
+        return Path(self.root) / self.dataset / ("primaps" if mode == "backbone" else f"primaps_{mode}") / self.baseline
 
     @property
     def primaps(self):
@@ -122,15 +140,16 @@ class ArtifactPaths:
         if self._primaps() == "cause":
             return (Path(self.results_root) / self.dataset / f"PRIMAPS_{self._head().upper()}" / self.baseline
                     / str(self.num_codebook))
-        return Path(self.results_root) / self.dataset / "PRIMAPS_BACKBONE" / self.baseline
+        return Path(self.results_root) / self.dataset / f"PRIMAPS_{self._primaps().upper()}" / self.baseline
 
     @property
     def primaps_metrics(self):
         return self.primaps_results / "metrics.json"
 
     def _primaps(self):
-        if self.primaps_mode not in ("cause", "backbone"):
-            raise ValueError(f"PriMaPs artifacts need primaps_mode 'cause' or 'backbone', got {self.primaps_mode!r}")
+        if self.primaps_mode not in ("cause", "backbone", "stego", "hp"):
+            raise ValueError(f"PriMaPs artifacts need primaps_mode cause, backbone, stego or hp, got "
+                             f"{self.primaps_mode!r}")
         return self.primaps_mode
 
     def _head(self):
@@ -142,7 +161,7 @@ class ArtifactPaths:
 def paths_of(cfg):
     """The ArtifactPaths of a run's Config."""
     return ArtifactPaths(cfg.dataset, cfg.baseline, cfg.num_codebook, cfg.head, cfg.output_root, cfg.results_root,
-                         cfg.logs_root, cfg.mode, cfg.data_dir)
+                         cfg.logs_root, cfg.mode, cfg.data_dir, cfg.sota_family)
 
 
 @dataclass(frozen=True)

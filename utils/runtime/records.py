@@ -21,6 +21,8 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from errors import UserError
 from utils.runtime.io import save_text
 
@@ -31,6 +33,17 @@ FOLDER_RECORD = "record.json"
 class StaleInputError(UserError):
     """An input changed since an artifact was made and --if_changed refuse was given, or an earlier
     step's artifact comes from an interrupted run."""
+
+
+def weights_fingerprint(module):
+    """sha256 of a module's weights (names, dtypes, shapes and values, in state-dict order): the same for
+    the same weights, whichever file held them (a release, or a STEGO file with the same ViT inside)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
 class FingerprintCache:

@@ -15,15 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from utils.runtime.options import OPTIONS
+from utils.runtime.options import OPTIONS, SOTA_MODES
 from utils.runtime.records import read_record
 
 
 @dataclass(frozen=True)
 class Upstream:
-    """An earlier step's artifact that a step reads, and the step that makes it."""
+    """An earlier step's artifact that a step reads, and the step that makes it; or (step None) a released
+    file the user gives, `given` saying how (the option)."""
     path: Path
-    step: str
+    step: str | None
+    given: str = ""
 
 
 def _no_upstream(cfg, paths):
@@ -164,11 +166,13 @@ HEAD_MODEL = ("reduced_dim", "projection_dim", "test_resolution")
 TRAINING = ("logs_root", "restart", "recipe", "lr", "max_steps", "seed", "nproc", "port")
 EVALUATION = ("results_root", "restart", "accept_partial", "crf_workers", "num_pictures")
 PRIMAPS = ("mode", "head", "threshold", "keep_best_on_val")
-# What PriMaPs-EM takes only in cause mode (CAUSE's features); in backbone mode they play no part.
+SOTA = ("sota_ckpt", "sota_options", "sota_dropout")  # a released STEGO or HP model (docs/sota.md)
+# What PriMaPs-EM takes only in cause mode (CAUSE's features); in the other modes they play no part.
 CAUSE_FEATURES = ("head", "dino_small_heads", "num_codebook", "reduced_dim", "projection_dim")
 # predict.py reads the model an evaluation reads, with these of its options (and its own).
 PREDICT = ("dataset", *BACKBONE, "output_root", "results_root", "num_codebook", *HEAD_MODEL, "train_resolution",
-           "batch_size", "precision", "gpu", "num_workers", "crf_workers", "accept_partial", "mode")
+           "batch_size", "precision", "gpu", "num_workers", "crf_workers", "accept_partial", "mode", *SOTA,
+           "primaps_ckpt")
 
 MLP_AT_224 = {"mlp": 224}  # the MLP head's front door and fine-tuning (docs/cause.md §2)
 PRIMAPS_BATCH = dict(default=32, help="the global batch (paper recipe) or the batch per process (scaled); also the "
@@ -178,13 +182,27 @@ PRIMAPS_LR = dict(default=5e-3, help="Adam's learning rate of the prototypes, th
 PRIMAPS_PRECISION = dict(default="fp32", help="autocast precision; default fp32, as the official PriMaPs-EM runs "
                                                "(its Trainer is given none); fp16 (with loss scaling) or bf16 "
                                                "on request; auto: fp16 on GPU, fp32 on CPU")
+SOTA_PRECISION = dict(default="fp32", help="autocast precision; default fp32, as STEGO's evaluation runs (HP's runs "
+                                            "its forward pass under fp16 autocast on a GPU: fp16 for that); "
+                                            "auto: fp16 on GPU, fp32 on CPU")
 PRIMAPS_RECIPE = dict(help="paper: PriMaPs' optimisation on any process count (global batch 32 split over the "
                            "processes, lr 5e-3, every image each epoch); scaled: batch 32 per process, lr 5e-3 × "
                            "processes")
 
 
 def _primaps_unused(values):
-    return CAUSE_FEATURES if values["mode"] == "backbone" else ()
+    """Cause mode: the SotA options; backbone mode: CAUSE's too; a STEGO or HP model (or a released PriMaPs
+    checkpoint, whose backbone is inside) also makes the backbone options idle: its own ViT is used."""
+    mode = values["mode"]
+    if mode == "cause":
+        return SOTA
+    own_backbone = mode in SOTA_MODES or values.get("primaps_ckpt") is not None
+    idle_sota = SOTA if mode == "backbone" else ("sota_dropout",) if mode == "hp" else ()
+    return (*CAUSE_FEATURES, *idle_sota, *(("ckpt", "cache_dir", "arch") if own_backbone else ()))
+
+
+def _sota_unused(values):
+    return ("sota_dropout",)  # STEGO's and HP's own evaluations run in eval mode
 
 
 def _test_upstream(cfg, paths):
@@ -199,13 +217,18 @@ def _test_upstream(cfg, paths):
 
 def _primaps_upstream(cfg, paths):
     """Cause mode: the CAUSE modules whose features it fits (as the CAUSE test step reads them);
-    backbone mode: its initial prototypes."""
+    backbone mode: its initial prototypes; stego, hp: nothing but the released file (its identity's "sota")."""
     if cfg.mode == "cause":
         return _test_upstream(cfg, paths)
-    return {"init": Upstream(paths.primaps_init, "primaps_init")}
+    if cfg.mode == "backbone":
+        return {"init": Upstream(paths.primaps_init, "primaps_init")}
+    return {}
 
 
 def _test_primaps_upstream(cfg, paths):
+    """The features' modules as PriMaPs-EM reads them, and its prototypes: trained here, or a released file."""
+    if cfg.primaps_ckpt is not None:
+        return {"primaps": Upstream(cfg.primaps_ckpt, None, "--primaps_ckpt")}
     cause = _test_upstream(cfg, paths) if cfg.mode == "cause" else {}
     return {**cause, "primaps": Upstream(paths.primaps, "primaps")}
 
@@ -249,8 +272,14 @@ register(Step(
     fixed={"mode": "backbone"},
     description="PriMaPs-EM's initial prototypes in backbone mode: PCA, then cosine k-means (docs/primaps.md §2)"))
 register(Step(
+    "test_sota", "utils.engine.evaluate_sota", "test_sota.py",
+    (*DATA, "sota_ckpt", "sota_options", "output_root", "precision", "gpu", "batch_size", "test_resolution",
+     *EVALUATION), lambda paths: [paths.sota_metrics], data=("val",), resize={"val": "nearest"}, unused=_sota_unused,
+    neutral=("batch_size",), overrides={"precision": SOTA_PRECISION}, pipeline="sota",
+    description="a released STEGO or HP model, by its own evaluation and by PriMaPs-EM's (docs/sota.md §1-§2)"))
+register(Step(
     "primaps", "utils.engine.primaps", "train_primaps.py",
-    (*DATA, *MODEL, *HEAD_MODEL, *TRAINING, "epochs", *PRIMAPS, "crf_workers", "accept_partial"),
+    (*DATA, *MODEL, *HEAD_MODEL, *TRAINING, "epochs", *PRIMAPS, *SOTA, "crf_workers", "accept_partial"),
     lambda paths: [paths.primaps], _primaps_upstream, data=("train", "val"), train_set="curated", head="option",
     resize=PRIMAPS_RESIZE, drop_last=True, epochs=50, runs_first=("primaps_init",), unused=_primaps_unused,
     overrides={"batch_size": PRIMAPS_BATCH, "lr": PRIMAPS_LR, "recipe": PRIMAPS_RECIPE, "precision": PRIMAPS_PRECISION},
@@ -258,9 +287,10 @@ register(Step(
     description="PriMaPs-EM's prototypes (docs/primaps.md §1-§2)"))
 register(Step(
     "test_primaps", "utils.engine.evaluate_primaps", "test_primaps.py",
-    (*DATA, *MODEL, *HEAD_MODEL, *EVALUATION, "mode", "head"), lambda paths: [paths.primaps_metrics],
-    _test_primaps_upstream, data=("val",), head="option", resize=PRIMAPS_RESIZE, unused=_primaps_unused,
-    neutral=("batch_size",), overrides={"precision": PRIMAPS_PRECISION}, pipeline="primaps",
+    (*DATA, *MODEL, *HEAD_MODEL, *EVALUATION, "mode", "head", *SOTA, "primaps_ckpt"),
+    lambda paths: [paths.primaps_metrics], _test_primaps_upstream, data=("val",), head="option",
+    resize=PRIMAPS_RESIZE, unused=_primaps_unused, neutral=("batch_size",),
+    overrides={"precision": PRIMAPS_PRECISION}, pipeline="primaps",
     description="PriMaPs-EM's evaluation (docs/primaps.md §3)"))
 
 

@@ -41,9 +41,10 @@ def prepare(root, n_train=24, n_val=12, image_size=192, seed=0):
     return data_dir, ckpt, options
 
 
-def predict_arguments(root, head, count=3):
-    """predict.py's own arguments at the end of a demo run: `count` val images, with the CRF, into
-    root/predictions_{head}, made again each run (the model may have been trained again)."""
+def predict_arguments(root, head, model="cause", count=3):
+    """predict.py's own arguments at the end of a demo run: `count` val images segmented by `model` (the
+    CAUSE head, or PriMaPs-EM) with the CRF, into root/predictions_{head} (PriMaPs-EM: predictions_primaps),
+    made again each run (the model may have been trained again)."""
     images = sorted((Path(root) / "data" / "cocostuff" / "images" / "val2017").glob("*.jpg"))[:count]
-    return ["--head", head, "--crf", "--overwrite", "--output", str(Path(root) / f"predictions_{head}"),
-            *map(str, images)]
+    output = Path(root) / (f"predictions_{head}" if model == "cause" else f"predictions_{model}")
+    return ["--head", head, "--model", model, "--crf", "--overwrite", "--output", str(output), *map(str, images)]
