@@ -1,4 +1,5 @@
-"""The random draws of one training step: dropout masks, grid positions, the concept bank's cut.
+"""The random draws of one training step: dropout masks (STEGO's channel dropout too), grid positions, the
+concept bank's cut.
 
 Every draw is made for the whole *global batch* (loader/samplers.py) from a generator that all
 processes sharing that batch seed alike, and each process keeps its own rows. A step therefore
@@ -51,6 +52,14 @@ class BatchRandom:
         if not self.dropout_on or p == 0:
             return x
         keep = self.uniform(x.shape[1:]) >= p
+        return x * keep.to(x.dtype) / (1 - p)
+
+    def channel_dropout(self, x, p):
+        """Dropout2d of x [rows, C, h, w]: whole channels of each image zeroed with probability p, the rest
+        scaled by 1/(1-p) (the identity when dropout is off)."""
+        if not self.dropout_on or p == 0:
+            return x
+        keep = self.uniform((x.shape[1], 1, 1)) >= p
         return x * keep.to(x.dtype) / (1 - p)
 
     def permutation(self, n):

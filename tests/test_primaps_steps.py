@@ -22,7 +22,8 @@ from modules.views import FLIP, VIEW_DRAWS, flip_rows, student_view
 from utils.engine.resume import ResumeState
 from utils.cli.steps import main
 
-MASKS = "primaps_masks/dino_vit_tiny_8_64px_threshold0.4_seed0"
+# The masks' folder: the arch, the first hex digits of the backbone weights' fingerprint, the settings.
+MASKS = "primaps_masks/dino_vit_tiny_8_{weights}_64px_threshold0.4_seed0"
 BACKBONE_DIR = "CAUSE/{dataset}/primaps/dino_vit_tiny_8"
 
 
@@ -36,6 +37,13 @@ def setup(tmp_path_factory):
     data_dir, ckpt = make_tiny_setup(root, n_train=4, n_val=3, image_size=96)
     write_potsdam(data_dir, n_train=4, n_val=2)
     return data_dir, ckpt
+
+
+def masks_of(root, dataset="cocostuff27"):
+    """The one masks folder of the tiny backbone under `root` (its name holds the weights' fingerprint)."""
+    found = list((root / "CAUSE" / dataset).glob(MASKS.format(weights="*")))
+    assert len(found) == 1, found
+    return found[0]
 
 
 def primaps_args(setup, out, *extra):
@@ -98,7 +106,7 @@ def test_backbone_mode_on_potsdam_caches_reuses_and_repairs_its_masks(setup, tmp
     for name in ("init", "primaps"):
         record = json.loads((artifacts / f"{name}.json").read_text())
         assert record["complete"], name
-    masks = tmp_path / "CAUSE/potsdam3" / MASKS
+    masks = masks_of(tmp_path, "potsdam3")
     info = json.loads((masks / "masks.json").read_text())
     assert info["complete"] and info["images"] == 4 and info["identity"]["attention_heads_of_dino_vit_small"] == 6
     assert sorted(masks_png.stem for masks_png in masks.glob("*.png")) == [f"tile_{i}" for i in range(4)]
@@ -155,7 +163,7 @@ def test_a_run_killed_in_its_masks_and_then_in_training_resumes_to_the_uninterru
     with pytest.raises(Killed):
         run_step("primaps", None, args)
     monkeypatch.undo()
-    masks = tmp_path / "CAUSE/cocostuff27" / MASKS
+    masks = masks_of(tmp_path)
     assert len(list(masks.glob("*.png"))) == 2
     assert not json.loads((masks / "masks.json").read_text())["complete"]
 
@@ -180,7 +188,7 @@ def test_a_run_killed_in_its_masks_and_then_in_training_resumes_to_the_uninterru
     reference = whole_run / BACKBONE_DIR.format(dataset="cocostuff27")
     for name in ("init.pth", "primaps.pth"):
         assert_same_state(state(tmp_path / BACKBONE_DIR.format(dataset="cocostuff27") / name), state(reference / name))
-    assert mask_bytes(masks) == mask_bytes(whole_run / "CAUSE/cocostuff27" / MASKS)
+    assert mask_bytes(masks) == mask_bytes(masks_of(whole_run))
 
 
 def test_keep_best_on_val_keeps_the_best_epoch_and_says_it_used_labels(whole_run, setup, tmp_path):
@@ -246,7 +254,7 @@ def test_nan_proposals_and_a_non_finite_loss(setup, tmp_path, monkeypatch, capsy
     assert record["epochs_done"] == 1 and not record["complete"]
     assert all(torch.isfinite(value).all() for value in state(artifacts / "primaps.pth").values())
     # The image whose proposals went NaN has no mask at all, and masks.json says so.
-    masks = tmp_path / "CAUSE/cocostuff27" / MASKS
+    masks = masks_of(tmp_path)
     info = json.loads((masks / "masks.json").read_text())
     assert info["proposals_nan_in_the_last_run"] == info["images_without_masks"] == ["000000000001"]
     assert (np.array(Image.open(masks / "000000000001.png")) == NO_MASK).all()

@@ -15,13 +15,16 @@ from utils.engine import status
 from utils.engine.runner import run_files
 from utils.runtime.config import make_config, result_settings
 from utils.runtime.locks import BusyError, exclusive
-from utils.runtime.options import OPTIONS
+from models.stand_in import save_foreign, stand_in_stego, write_stand_in_hp
+from utils.runtime.options import OPTIONS, PRIMAPS_MODES
 from utils.runtime.recipe import recipe_for
 from utils.runtime.records import FingerprintCache, StaleInputError, write_record
 from utils.runtime.steps import CAUSE_FEATURES, STEPS
 
 CHOICES = {"dataset": "cityscapes", "arch": "dino_vit_small_8", "precision": "bf16", "mode": "backbone",
-           "recipe": "scaled", "head": "mlp", "if_changed": "refuse"}
+           "recipe": "scaled", "head": "mlp", "if_changed": "refuse", "sota_dropout": "eval"}
+# Options naming files: the same content elsewhere is the same input.
+FILES = ("ckpt", "sota_ckpt", "sota_options", "primaps_ckpt")
 
 
 def other_value(name, value):
@@ -55,6 +58,14 @@ def backbone_file(tmp_path_factory):
     return ckpt
 
 
+@pytest.fixture(scope="module")
+def sota_files(tmp_path_factory):
+    """Stand-in STEGO and HP files of 27 classes (COCO-Stuff-27 and Cityscapes both have 27)."""
+    root = tmp_path_factory.mktemp("sota")
+    save_foreign(stand_in_stego("dino_vit_tiny_8", 27, 16), root / "stego.ckpt")
+    return {"stego": root / "stego.ckpt", "hp": write_stand_in_hp(root / "hp", "dino_vit_tiny_8", 27, 16)}
+
+
 def decision(base, changed, tmp_path):
     """Whether a step whose artifact was made with `base` (its record says so) runs again for `changed`."""
     fingerprints = FingerprintCache(None)
@@ -72,24 +83,27 @@ def decision(base, changed, tmp_path):
 
 def cases():
     for step in STEPS.values():
-        for mode in ("cause", "backbone") if "mode" in step.options else (None,):
+        for mode in PRIMAPS_MODES if "mode" in step.options else (None,):
             yield pytest.param(step.name, mode, id=f"{step.name}-{mode}" if mode else step.name)
 
 
 @pytest.mark.parametrize("name,mode", cases())
-def test_every_result_changing_option_reruns_its_step_and_no_other_does(name, mode, backbone_file, tmp_path, capsys):
+def test_every_result_changing_option_reruns_its_step_and_no_other_does(name, mode, backbone_file, sota_files,
+                                                                         tmp_path, capsys):
     step = STEPS[name]
     head = "tr" if step.head == "script" else None
-    given = {"ckpt": backbone_file, "data_dir": tmp_path, **({"mode": mode} if mode else {})}
+    given = {"ckpt": backbone_file, "data_dir": tmp_path, "sota_ckpt": sota_files["hp" if mode == "hp" else "stego"],
+             **({"mode": mode} if mode else {})}
     base = make_config(step, head, given)
+    given["sota_options"] = base.sota_options  # found beside HP's file: given, when the file moves elsewhere
     reruns, neutral = [], []
     for option in step.options:
-        if option in step.fixed:
-            continue
+        if option in step.fixed or (OPTIONS[option].kwargs.get("type") is Path and getattr(base, option) is None):
+            continue  # a path the step does not use here (the ViT inside a released file, no HP options)
         value = other_value(option, getattr(base, option) if option != "head" else "tr")
-        if option == "ckpt":  # the same file elsewhere: its content is what counts
+        if option in FILES:  # the same file elsewhere: its content is what counts
             value.parent.mkdir(exist_ok=True)
-            value.write_bytes(backbone_file.read_bytes())
+            value.write_bytes(getattr(base, option).read_bytes())
         changed = make_config(step, head, {**given, option: value})
         if decision(base, changed, tmp_path):
             reruns.append(option)
@@ -102,9 +116,12 @@ def test_every_result_changing_option_reruns_its_step_and_no_other_does(name, mo
     assert set(reruns) == expected | {"restart"} - set(step.fixed), (name, mode)
     assert {"num_workers", "data_dir"} <= set(neutral)
     if step.trains:
-        assert {"port", "logs_root", "nproc", "gpu", "ckpt"} <= set(neutral)
-    if mode == "backbone":
-        assert not set(CAUSE_FEATURES) & set(reruns), "CAUSE's options play no part in backbone mode"
+        assert {"port", "logs_root", "nproc", "gpu", "ckpt"} - unused <= set(neutral)
+    if mode not in (None, "cause"):
+        assert not set(CAUSE_FEATURES) & set(reruns), f"CAUSE's options play no part in {mode} mode"
+    if mode in ("stego", "hp") or name == "test_sota":
+        assert not {"ckpt", "arch", "dino_small_heads"} & set(reruns), "the ViT inside the released file is used"
+        assert ("sota_dropout" in reruns) == (mode == "stego"), "STEGO's dropout is a choice; HP's eval mode is not"
     # The identity itself names what changed, so the step says why it runs again.
     for option in expected:
         changed = make_config(step, head, {**given, option: other_value(option, getattr(base, option))})

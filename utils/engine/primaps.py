@@ -88,8 +88,8 @@ class PriMaPsTraining(Training):
 
     def losses(self, batch, random):
         views = self.views(batch, random)
-        teacher = self.features(views.image)
-        student = self.features(views.student)
+        teacher = self.features(views.image, random)
+        student = self.features(views.student, random)
         size = views.image.shape[-2:]
         _, targets = self.e_step(teacher, views.mask, size)
         logits = upsample(self.model.online(student), size)

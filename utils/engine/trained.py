@@ -41,7 +41,8 @@ class Features:
         self.backbone, self.segment, self.precision = backbone, segment, precision
 
     @torch.no_grad()
-    def __call__(self, images):
+    def __call__(self, images, random=None):
+        """`random` (a step's BatchRandom) plays no part: these features draw nothing."""
         if self.segment is None:
             return backbone_map(self.backbone, images, self.precision.autocast)
         return head_map(self.backbone, self.segment, images, self.precision.autocast)
@@ -49,15 +50,19 @@ class Features:
 
 class SotaFeatures:
     """PriMaPs-EM's Φ(x) [B, d, h, w] on a released STEGO or HP model: its online code (docs/sota.md §3),
-    float32 without gradient, under the run's autocast; `dropout` (modules/sota.py) None for eval mode."""
+    float32 without gradient, under the run's autocast; `dropout` (modules/sota.py) None for eval mode.
+    In a training step the dropout masks come from the step's BatchRandom (modules/randomness.py), so that
+    they do not depend on the process count and a resumed run draws what the uninterrupted one did;
+    elsewhere (validation, test) from torch's generator."""
 
     def __init__(self, model, dropout, precision):
         self.model, self.dropout, self.precision = model, dropout, precision
 
     @torch.no_grad()
-    def __call__(self, images):
+    def __call__(self, images, random=None):
+        dropout = self.dropout if self.dropout is None or random is None else random.channel_dropout
         with self.precision.autocast():
-            return self.model.features_for_primaps(images, self.dropout).float()
+            return self.model.features_for_primaps(images, dropout).float()
 
 
 def sota_model(cfg, device):
