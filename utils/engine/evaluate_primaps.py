@@ -29,7 +29,7 @@ VARIANTS = {
     "theta_r_crf": "θ_R (the prototypes the focal loss trains) after the CRF",
     "theta_r_no_crf": "θ_R without the CRF",
     "init_crf": "the initial prototypes (backbone mode: PCA + k-means, PriMaPs' baseline; cause mode: CAUSE's "
-                "cluster probe) by cosine, after the CRF",
+                "cluster probe; stego, hp: the released model's cluster probe) by cosine, after the CRF",
     "init_no_crf": "the initial prototypes by cosine, without the CRF",
 }
 _PREFIXES = {"": "momentum", "theta_r_": "online", "init_": "initial_cosine"}
