@@ -297,3 +297,18 @@ def test_help_lists_the_primaps_options(capsys):
     assert stopped.value.code == 0
     shown = capsys.readouterr().out
     assert all(option in shown for option in ("--mode", "--head", "--test_resolution", "--crf_workers")), shown
+
+
+def test_bash_run_runs_a_backbone_mode_row_alone_and_prints_it_beside_its_initialisation(setup, whole_run):
+    done = subprocess.run(["bash", "run", "--primaps", *primaps_args(setup, whole_run, "--mode", "backbone")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    commands = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
+    assert [line.split()[1] for line in commands] == ["train_primaps.py", "test_primaps.py"], "no CAUSE step"
+    assert done.stdout.count("is up to date") == 2, "the initialisation and the prototypes of whole_run"
+    report = json.loads((whole_run / "results/cocostuff27/PRIMAPS_BACKBONE/dino_vit_tiny_8/metrics.json").read_text())
+    first, last = done.stdout.strip().splitlines()[-2:]
+    assert first.startswith("its initialisation (PCA + k-means)") and f"mIoU {report['init_crf']['mIoU']:.1f}" in first
+    assert last.startswith("PriMaPs-EM on the backbone") and f"mIoU {report['crf']['mIoU']:.1f}" in last
+    assert report["choices"]["precision"] == "fp32" and report["choices"]["resize"]["val"] == "tensor_bilinear"

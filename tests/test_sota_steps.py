@@ -226,6 +226,15 @@ def test_predict_segments_with_a_released_model_alone_and_with_primaps_on_it(fil
         classes = metrics(output / "classes.json")
         assert classes["ids"] == "classes" and f"/{evaluation}/cocostuff27_stand_in/metrics.json" in classes["meaning"]
         assert len(list((output / "ids").glob("*.png"))) == 2
+    # A released PriMaPs file segments too; no evaluation of it has matched its clusters here.
+    output = tmp_path / "released"
+    command = [sys.executable, "predict.py", "--model", "primaps", "--primaps_ckpt", str(files["released"]["backbone"]),
+               *common[:-2], "-o", str(output), *map(str, images)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    classes = metrics(output / "classes.json")
+    assert classes["ids"] == "clusters" and "test_primaps.py" in classes["meaning"]
+    assert classes["model"]["mode"] == "backbone" and "backbone" not in classes["files"], "the backbone is inside"
 
 
 def test_bash_run_with_a_sota_mode_runs_its_steps_and_prints_them_side_by_side(files, runs):
@@ -288,3 +297,12 @@ def test_a_released_primaps_file_of_another_mode_is_refused(files, tmp_path, cap
         run_step("test_primaps", None, args(files, tmp_path, "--primaps_ckpt", str(files["released"]["stego"]),
                                             "--mode", "hp"))
     assert "--mode hp, but" in capsys.readouterr().err and not (tmp_path / "results").exists()
+
+
+def test_a_released_sota_primaps_file_whose_model_is_not_here_asks_for_it(files, tmp_path, capsys):
+    moved = tmp_path / "primaps_on_a_missing_stego.ckpt"
+    save_foreign(stand_in_primaps(ARCH, K, sota="stego", sota_path=str(tmp_path / "gone.ckpt"), code_dim=DIM), moved)
+    with pytest.raises(SystemExit):
+        run_step("test_primaps", None, args(files, tmp_path, "--primaps_ckpt", str(moved)))
+    error = capsys.readouterr().err
+    assert "gone.ckpt, which is not here" in error and "pass that file with --sota_ckpt" in error

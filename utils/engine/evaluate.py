@@ -92,6 +92,26 @@ def save_report(ctx, path, results, probe, variants, **description):
     return report
 
 
+def print_variants(label, report):
+    """One line per variant of a metrics.json: its figures and what it is."""
+    width = max(map(len, report["variants"]))
+    for name, text in report["variants"].items():
+        print(f"{label} {name:<{width}} mIoU {report[name]['mIoU']:5.1f}  pAcc {report[name]['pAcc']:5.1f}  ({text})")
+
+
+def print_where(label, metrics, pictures, report):
+    """A test step's last lines: where its files are, then its headline."""
+    print(f"{label} metrics: {metrics}; pictures: {pictures}")
+    print(final_line(report))
+
+
+def reprinted(print_report, cfg, paths, metrics):
+    """What an up-to-date test step gives: its metrics.json, printed again with `print_report`."""
+    report = json.loads(metrics.read_text())
+    print_report(cfg, paths, report)
+    return report
+
+
 def print_released(label, report):
     """Say which of the files a result was computed from are released ones (no record of how they were made)."""
     released = [entry["file"] for entry in report["upstream"].values() if entry["origin"] == "released"]
@@ -129,12 +149,9 @@ def print_report(cfg, paths, report):
           f"(without flip averaging, as the official no-CRF figure: mIoU {report['no_crf_no_flip']['mIoU']:.1f}); "
           f"linear probe (uses labels) pixel accuracy {report['linear_probe_pixel_accuracy_uses_labels']:.1f}, "
           f"mIoU {report['linear_probe_mIoU_uses_labels']:.1f}")
-    print(f"{label} metrics: {paths.metrics}; pictures: {paths.results}")
-    print(final_line(report))
+    print_where(label, paths.metrics, paths.results, report)
 
 
 def show_result(cfg, paths):
     """An up-to-date test step still ends with its result's numbers."""
-    report = json.loads(paths.metrics.read_text())
-    print_report(cfg, paths, report)
-    return report
+    return reprinted(print_report, cfg, paths, paths.metrics)

@@ -10,7 +10,6 @@ in stego and hp modes the released model's cluster probe. A released PriMaPs che
 is evaluated as the official test.py does (docs/sota.md §3b); a backbone-mode one holds no initial
 prototypes, so its evaluation has no init_* variants.
 """
-import json
 
 import torch
 
@@ -71,17 +70,12 @@ def work(ctx):
 def print_report(cfg, paths, report):
     label = _label(cfg)
     evaluate.print_released(label, report)
-    for name in report["variants"]:
-        print(f"{label} {name:<15} mIoU {report[name]['mIoU']:5.1f}  pAcc {report[name]['pAcc']:5.1f}  "
-              f"({report['variants'][name]})")
+    evaluate.print_variants(label, report)
     print(f"{label} linear probe (uses labels) pixel accuracy {report['linear_probe_pixel_accuracy_uses_labels']:.1f}, "
           f"mIoU {report['linear_probe_mIoU_uses_labels']:.1f}")
-    print(f"{label} metrics: {paths.primaps_metrics}; pictures: {paths.primaps_results}")
-    print(evaluate.final_line(report))
+    evaluate.print_where(label, paths.primaps_metrics, paths.primaps_results, report)
 
 
 def show_result(cfg, paths):
     """An up-to-date test step still ends with its result's numbers."""
-    report = json.loads(paths.primaps_metrics.read_text())
-    print_report(cfg, paths, report)
-    return report
+    return evaluate.reprinted(print_report, cfg, paths, paths.primaps_metrics)

@@ -12,7 +12,6 @@ Two protocols in one run, each named in metrics.json:
   with the mirrored image's, cosine logits, the CRF fed their log_softmax), so that a "+SotA+PriMaPs"
   result compares with the SotA model under one protocol.
 """
-import json
 from dataclasses import asdict
 
 import torch
@@ -84,14 +83,10 @@ def work(ctx):
 
 def print_report(cfg, paths, report):
     label = _label(cfg)
-    for name, text in report["variants"].items():
-        print(f"{label} {name:<24} mIoU {report[name]['mIoU']:5.1f}  pAcc {report[name]['pAcc']:5.1f}  ({text})")
-    print(f"{label} metrics: {paths.sota_metrics}; pictures: {paths.sota_results}")
-    print(evaluate.final_line(report))
+    evaluate.print_variants(label, report)
+    evaluate.print_where(label, paths.sota_metrics, paths.sota_results, report)
 
 
 def show_result(cfg, paths):
     """An up-to-date evaluation still ends with its result's numbers."""
-    report = json.loads(paths.sota_metrics.read_text())
-    print_report(cfg, paths, report)
-    return report
+    return evaluate.reprinted(print_report, cfg, paths, paths.sota_metrics)

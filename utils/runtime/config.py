@@ -138,7 +138,7 @@ def make_config(step, head, given):
     values.update(given)
     values.update(step.fixed)
     _check_counts(values)
-    released_arch = _released_primaps(values)
+    released_arch = _released_primaps(step, values)
     head_option = values.pop("head")
     if step.head == "option":
         head = head_option
@@ -183,11 +183,11 @@ def _check_classes(values, n_classes, path):
                           f"pass the data set it was trained on")
 
 
-def _released_primaps(values):
+def _released_primaps(step, values):
     """With --primaps_ckpt (docs/sota.md §3b): the released file decides the mode and, unless given, the test
     resolution and (+SotA) the STEGO or HP file; `values` are updated. Returns the backbone's arch in
     backbone mode (the backbone inside the file), else None."""
-    path = values.get("primaps_ckpt")
+    path = values["primaps_ckpt"] if "primaps_ckpt" in step.options else None
     if path is None:
         return None
     released = read_primaps_checkpoint(path)
@@ -201,6 +201,9 @@ def _released_primaps(values):
     if released.sota is None:
         return released.arch
     if values["sota_ckpt"] is None:
+        if not Path(released.sota_path).is_file():
+            raise ConfigError(f"{path} was trained on the {mode.upper()} model {released.sota_path}, which is not "
+                              f"here (a released PriMaPs file does not hold it): pass that file with --sota_ckpt")
         values["sota_ckpt"] = Path(released.sota_path)
     stored_options = released.sota_options_path
     if values["sota_options"] is None and stored_options and Path(stored_options).is_file():
