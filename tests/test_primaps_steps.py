@@ -312,3 +312,7 @@ def test_bash_run_runs_a_backbone_mode_row_alone_and_prints_it_beside_its_initia
     assert first.startswith("its initialisation (PCA + k-means)") and f"mIoU {report['init_crf']['mIoU']:.1f}" in first
     assert last.startswith("PriMaPs-EM on the backbone") and f"mIoU {report['crf']['mIoU']:.1f}" in last
     assert report["choices"]["precision"] == "fp32" and report["choices"]["resize"]["val"] == "tensor_bilinear"
+    for artifact in ("init", "primaps"):  # what every PriMaPs artifact says of how it was made
+        made = json.loads((whole_run / BACKBONE_DIR.format(dataset="cocostuff27") / f"{artifact}.json").read_text())
+        assert made["choices"]["resize"]["train"] == "bilinear" and made["choices"]["drop_last"], artifact
+        assert made["choices"]["precision"] == made["identity"]["settings"]["precision"] == "fp32", artifact

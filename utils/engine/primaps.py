@@ -20,6 +20,7 @@ from modules.losses import probe_cross_entropy
 from modules.metrics import MatchedMetrics
 from modules.primaps import (MASK_BACKBONE_HEADS, NO_MASK, PriMaPsModel, Prototypes, class_probabilities, focal_loss,
                              mask_majority_labels)
+from modules.randomness import mixed_seed
 from modules.views import AugmentedViews
 from utils.engine.loop import Training, fit, progress, training_set, validation_loader
 from utils.engine.optim import Precision, optimizer_step
@@ -109,7 +110,7 @@ class PriMaPsTraining(Training):
         self.steps_done += 1
 
     def validate(self, epoch):
-        scores = self.validation() if self.validation is not None else {}
+        scores = self.validation(epoch) if self.validation is not None else {}
         score = scores.get("theta_m_mIoU_uses_labels")
         if self.keep_best and (self.best is None or score > self.best["mIoU"]):
             self.best = {"mIoU": score, "epoch": epoch + 1,
@@ -132,10 +133,13 @@ class PriMaPsTraining(Training):
 
 
 @torch.no_grad()
-def validation_scores(ctx, features, model, loader):
-    """θ_M's val mIoU (no CRF, no flip) and the linear probe's pixel accuracy: labelled diagnostics,
-    and with --keep_best_on_val the score that picks the kept epoch."""
+def validation_scores(ctx, features, model, loader, epoch):
+    """θ_M's val mIoU (no CRF, no flip) and the linear probe's pixel accuracy after `epoch`: labelled
+    diagnostics, and with --keep_best_on_val the score that picks the kept epoch."""
     cfg = ctx.cfg
+    # STEGO's official dropout draws from torch's generator here: seeded by the epoch, a resumed run
+    # scores (and with --keep_best_on_val keeps) what the uninterrupted one did.
+    torch.manual_seed(mixed_seed(cfg.seed, epoch))
     metrics = MatchedMetrics(cfg.n_classes, ctx.device)
     probe = torch.zeros(2, device=ctx.device)
     for _, _, batch in progress(ctx, loader, "[val] θ_M mIoU"):
@@ -182,7 +186,8 @@ def work(ctx):
     validation = validation_loader(ctx, cfg.test_resolution)
     training = PriMaPsTraining(
         features, model, ctx.recipe.lr, precision, BatchGroup(ctx.recipe.shared_batch), cfg.n_classes,
-        validation=lambda: validation_scores(ctx, features, model, validation), keep_best=cfg.keep_best_on_val)
+        validation=lambda epoch: validation_scores(ctx, features, model, validation, epoch),
+        keep_best=cfg.keep_best_on_val)
 
     def save(ctx, epochs_done):
         save_torch(training.kept_model(), ctx.paths.primaps)

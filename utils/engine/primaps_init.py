@@ -8,7 +8,7 @@ from modules.primaps import Prototypes, kmeans_loss, pca_directions
 from modules.randomness import mixed_seed
 from utils.engine.loop import Training, fit, progress, row_counts, training_data
 from utils.engine.optim import Precision, optimizer_step
-from utils.engine.primaps import probe_loss
+from utils.engine.primaps import choices, probe_loss
 from utils.engine.status import write_artifact_records
 from utils.engine.trained import Features, mask_backbone
 from utils.runtime.distributed import BatchGroup, broadcast_parameters
@@ -102,7 +102,7 @@ def work(ctx):
 
     def save(ctx, epochs_done):
         save_torch(probe.state_dict(), ctx.paths.primaps_init)
-        write_artifact_records(ctx, [ctx.paths.primaps_init], epochs_done)
+        write_artifact_records(ctx, [ctx.paths.primaps_init], epochs_done, choices(ctx))
 
     fit(ctx, training, cfg.train_resolution, save)
     return str(ctx.paths.primaps_init)
