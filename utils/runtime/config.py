@@ -10,7 +10,9 @@ of a step's identity that comes from its options: what "up to date" compares.
 """
 import argparse
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from errors import UserError
 from loader import DATASETS
@@ -164,7 +166,7 @@ def make_config(step, head, given):
                                       "test_resolution": values["test_resolution"] or test_res},
         n_classes=DATASETS[values["dataset"]].n_classes, dim=spec.dim if spec else 0,
         patch=spec.patch if spec else 1, family=spec.family if spec else "",
-        sota_family=sota.family if sota else None, code_dim=sota.sizes.code_dim if sota else 0)
+        sota_family=sota.family if sota else None, code_dim=sota.code_dim if sota else 0)
     if uses_model:
         _check_resolutions(cfg)
     return cfg
@@ -221,14 +223,38 @@ def _sota_file(step, values):
     if values["sota_ckpt"] is None:
         raise ConfigError(f"{what} a released STEGO or HP model: pass its file with --sota_ckpt (a STEGO .ckpt, "
                           f"or HP's ckpt.pth with its option.json beside it or --sota_options)")
-    sota = read_sota_file(values["sota_ckpt"], values["sota_options"])
+    sota = _sota_summary(values["sota_ckpt"], values["sota_options"])
     if takes_mode and sota.family != values["mode"]:
         kind = "an HP" if sota.family == "hp" else "a STEGO"
         raise ConfigError(f"--mode {values['mode']}, but {values['sota_ckpt']} is {kind} checkpoint: pass "
                           f"--mode {sota.family}")
-    _check_classes(values, sota.sizes.n_classes, values["sota_ckpt"])
+    _check_classes(values, sota.n_classes, values["sota_ckpt"])
     values["sota_options"] = Path(sota.options_path) if sota.options_path else None
     return sota
+
+
+class SotaSummary(NamedTuple):
+    """What a config needs of a released STEGO or HP file (models/released.py reads and checks it)."""
+    family: str
+    arch: str
+    code_dim: int
+    n_classes: int
+    options_path: str | None
+
+
+def _sota_summary(path, options_path):
+    """The SotaSummary of a file, read once per content state: `bash run` and predict.py build the
+    configs of several steps from the same file."""
+    def state(file):
+        return None if file is None or not Path(file).is_file() else (str(Path(file).resolve()),
+                                                                    Path(file).stat().st_mtime_ns)
+    return _read_sota_summary(str(path), str(options_path) if options_path else None, state(path), state(options_path))
+
+
+@lru_cache(maxsize=4)
+def _read_sota_summary(path, options_path, file_state, options_state):
+    sota = read_sota_file(path, options_path)
+    return SotaSummary(sota.family, sota.arch, sota.sizes.code_dim, sota.sizes.n_classes, sota.options_path)
 
 
 def result_settings(cfg):
