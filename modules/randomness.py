@@ -49,17 +49,18 @@ class BatchRandom:
 
     def dropout(self, x, p):
         """Inverted dropout of x [rows, ...] with probability p (the identity when dropout is off)."""
-        if not self.dropout_on or p == 0:
-            return x
-        keep = self.uniform(x.shape[1:]) >= p
-        return x * keep.to(x.dtype) / (1 - p)
+        return self._dropped(x, p, x.shape[1:])
 
     def channel_dropout(self, x, p):
         """Dropout2d of x [rows, C, h, w]: whole channels of each image zeroed with probability p, the rest
         scaled by 1/(1-p) (the identity when dropout is off)."""
+        return self._dropped(x, p, (x.shape[1], 1, 1))
+
+    def _dropped(self, x, p, shape):
+        """x with a keep-mask of `shape` per row (broadcast over the rest) drawn as uniform() is."""
         if not self.dropout_on or p == 0:
             return x
-        keep = self.uniform((x.shape[1], 1, 1)) >= p
+        keep = self.uniform(shape) >= p
         return x * keep.to(x.dtype) / (1 - p)
 
     def permutation(self, n):

@@ -67,7 +67,7 @@ def test_no_file_is_unpickled_with_code_execution_allowed():
     assert not offenders
 
 
-OUTSIDE = re.compile(r"SPEC §|PRIMAPS\.md|SOTA\.md|\.\./shared|\bissue \d+|\(#\d+\)")
+OUTSIDE = re.compile(r"SPEC[ ]§|PRIMAPS[.]md|SOTA[.]md|\.\./shared|\bissue \d+|\(#\d+\)")
 CITATION = re.compile(r"docs/(\w+)\.md §(\d+[a-z]?)")
 
 

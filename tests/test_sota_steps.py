@@ -25,7 +25,7 @@ from utils.cli.pipeline import chain
 from utils.engine.optim import Precision
 from utils.engine.predict import main as predict_main
 from utils.engine.resume import ResumeState
-from utils.engine.trained import sota_features
+from utils.engine.trained import on_sota_model
 from utils.runtime.config import make_config
 from utils.runtime.io import save_torch
 from utils.runtime.records import weights_fingerprint
@@ -142,7 +142,7 @@ def test_stegos_official_dropout_draws_anew_and_eval_mode_does_not(files):
     for dropout, random in (("official", True), ("eval", False)):
         cfg = make_config(STEPS["primaps"], None, {"mode": "stego", "sota_ckpt": files["stego"],
                                                    "sota_dropout": dropout})
-        features = sota_features(cfg, model, precision)
+        features, _ = on_sota_model(cfg, model, precision)
         first, second = features(images), features(images)
         assert torch.equal(first, second) != random, dropout
         if not random:

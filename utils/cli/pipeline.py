@@ -50,7 +50,7 @@ def mode_of(tokens):
     mode = "cause"
     for i, token in enumerate(tokens):
         name, has_value, value = token.partition("=")
-        if name.rpartition(".")[2] == "--mode" or name.endswith(".mode"):
+        if name == "--mode" or name.endswith(".mode"):
             mode = value if has_value else (tokens[i + 1] if i + 1 < len(tokens) else mode)
     if mode not in PRIMAPS_CHAINS:
         raise PipelineError(f"--mode must be one of {', '.join(PRIMAPS_CHAINS)}, got {mode!r}")

@@ -10,7 +10,6 @@ in stego and hp modes the released model's cluster probe. A released PriMaPs che
 is evaluated as the official test.py does (docs/sota.md §3b); a backbone-mode one holds no initial
 prototypes, so its evaluation has no init_* variants.
 """
-
 import torch
 
 from modules.crf import crf_pool
@@ -19,6 +18,7 @@ from utils.engine import evaluate
 from utils.engine.loop import validation_loader
 from utils.engine.optim import Precision
 from utils.engine.primaps import choices
+from utils.engine.status import uses_backbone
 from utils.engine.trained import evaluated_primaps
 
 # The headline's variants keep the CAUSE test step's names, so both metrics.json read alike.
@@ -60,7 +60,8 @@ def work(ctx):
         results, probe = evaluate.score(ctx, pool, validation_loader(ctx, cfg.test_resolution), predict, variants,
                                         ctx.paths.primaps_results, f"{_label(cfg)} {cfg.dataset}")
     report = evaluate.save_report(ctx, ctx.paths.primaps_metrics, results, probe, variants, dataset=cfg.dataset,
-                                  mode=cfg.mode, head=cfg.head, backbone=cfg.arch, checkpoint=str(cfg.ckpt),
+                                  mode=cfg.mode, head=cfg.head, backbone=cfg.arch,
+                                  checkpoint=str(cfg.ckpt) if uses_backbone(cfg) else None,
                                   released_primaps=str(cfg.primaps_ckpt) if cfg.primaps_ckpt else None,
                                   **choices(ctx))
     print_report(cfg, ctx.paths, report)

@@ -26,10 +26,11 @@ from utils.engine.loop import Training, fit, progress, training_set, validation_
 from utils.engine.optim import Precision, optimizer_step
 from utils.engine.primaps_masks import masks_name, prepare_masks
 from utils.engine.status import write_artifact_records
-from utils.engine.trained import Features, feature_dim, mask_backbone, primaps_features, sota_features, sota_model
+from utils.engine.trained import Features, feature_dim, mask_backbone, on_sota_model, primaps_features, sota_model
 from utils.runtime.artifacts import load_state_strict
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
 from utils.runtime.io import save_torch
+from utils.runtime.options import SOTA_MODES
 from utils.runtime.records import weights_fingerprint
 
 FOCAL_GAMMA = 2.0
@@ -164,16 +165,15 @@ def work(ctx):
     dataset = training_set(ctx, cfg.train_resolution)
     with crf_pool(cfg.crf_workers) as pool:  # before a model reaches a GPU (modules/crf.py)
         # The masks' backbone: the plain DINO ViT as PriMaPs builds it, or the one inside the STEGO or HP file.
-        sota = sota_model(cfg, ctx.device) if cfg.mode in ("stego", "hp") else None
+        sota = sota_model(cfg, ctx.device) if cfg.mode in SOTA_MODES else None
         backbone = sota.backbone if sota is not None else mask_backbone(cfg, ctx.device)
         weights = weights_fingerprint(backbone)
         mask_files = ctx.paths.primaps_mask_files(masks_name(cfg, weights), dataset.source.image_files)
         prepare_masks(ctx, backbone, dataset, mask_files, pool, MASK_BACKBONE_HEADS, weights)
     if cfg.mode == "backbone":
         features, start = Features(backbone, None, precision), initial_prototypes(ctx)
-    elif sota is not None:
-        # θ_R starts from the SotA model's cluster centres, g = 1 (docs/sota.md §3): no PCA or k-means stage.
-        features, start = sota_features(cfg, sota, precision), sota.cluster_probe.clusters.detach()
+    elif sota is not None:  # no PCA or k-means stage: θ_R starts from the SotA model's cluster centres
+        features, start = on_sota_model(cfg, sota, precision)
     else:
         del backbone  # cause mode's features come from CAUSE's own definition of the backbone
         features, start = primaps_features(cfg, ctx.upstream, ctx.device, precision)

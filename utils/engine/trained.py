@@ -17,6 +17,7 @@ from modules.probe import ClusterModule
 from modules.sota import channel_dropout
 from utils.engine.loop import make_backbone
 from utils.runtime.artifacts import load_modular, load_state_strict
+from utils.runtime.options import SOTA_MODES
 
 
 def cause_modules(cfg, upstream, device):
@@ -70,16 +71,20 @@ def sota_model(cfg, device):
     return load_sota_model(cfg.sota_ckpt, cfg.sota_options).to(device)
 
 
-def sota_features(cfg, model, precision):
-    """The code of `model` as PriMaPs-EM reads it: STEGO's dropout active with --sota_dropout official, as
-    the official wrapper leaves STEGO in train mode; HP in eval mode, as the official code puts it."""
+def on_sota_model(cfg, model, precision):
+    """(the code of `model` as PriMaPs-EM reads it, the prototypes θ_R starts from: its cluster centres,
+    g = 1; docs/sota.md §3). STEGO's dropout is active with --sota_dropout official, as the official
+    wrapper leaves STEGO in train mode; HP is in eval mode, as the official code puts it."""
     official_dropout = cfg.mode == "stego" and cfg.sota_dropout == "official"
-    return SotaFeatures(model, channel_dropout if official_dropout else None, precision)
+    features = SotaFeatures(model, channel_dropout if official_dropout else None, precision)
+    return features, model.cluster_probe.clusters.detach()
 
 
 def feature_dim(cfg):
     """The width of PriMaPs-EM's features: CAUSE's head (cause mode), the SotA code's, or the backbone's."""
-    return {"cause": cfg.reduced_dim, "stego": cfg.code_dim, "hp": cfg.code_dim}.get(cfg.mode, cfg.dim)
+    if cfg.mode == "cause":
+        return cfg.reduced_dim
+    return cfg.code_dim if cfg.mode in SOTA_MODES else cfg.dim
 
 
 def mask_backbone(cfg, device):
@@ -94,9 +99,8 @@ def primaps_features(cfg, upstream, device, precision):
     if cfg.mode == "cause":
         backbone, segment, cluster = cause_modules(cfg, upstream, device)
         return Features(backbone, segment, precision), cluster.cluster_probe.detach()
-    if cfg.mode in ("stego", "hp"):
-        model = sota_model(cfg, device)
-        return sota_features(cfg, model, precision), model.cluster_probe.clusters.detach()
+    if cfg.mode in SOTA_MODES:
+        return on_sota_model(cfg, sota_model(cfg, device), precision)
     return Features(mask_backbone(cfg, device), None, precision), None
 
 
