@@ -4,6 +4,7 @@ make (a "bomb"), a member bigger than the free disk space, two members of one na
 members that are links. Each is refused before it is written, with one line naming the archive."""
 import io
 import os
+import stat
 import tarfile
 import zipfile
 from collections import namedtuple
@@ -132,3 +133,18 @@ def test_link_members_are_skipped_and_named_as_links(tmp_path, link, capsys):
 
 def test_refusals_are_user_errors():
     assert issubclass(RefusedArchiveError, PrepareError) and issubclass(PrepareError, UserError)
+
+
+def test_a_zip_member_that_is_a_symbolic_link_is_skipped_and_named(tmp_path, capsys):
+    archive = tmp_path / "potsdam.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("potsdam/gt/tile_0.mat", b"label")
+        link = zipfile.ZipInfo("potsdam/imgs/tile_0.mat")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16  # as `zip --symlinks` stores one
+        zipped.writestr(link, "/etc/passwd")
+    with pytest.raises(PrepareError) as refused:
+        prepare("potsdam3", tmp_path / "data", [archive], progress=False)
+    assert str(refused.value).startswith("1 member(s) the layout takes are links, which are never extracted "
+                                         "(potsdam.zip: potsdam/imgs/tile_0.mat (symbolic link to /etc/passwd))")
+    assert "1 link member(s) skipped" in capsys.readouterr().out
+    assert not (tmp_path / "data" / ".prepare-potsdam" / "potsdam" / "imgs").exists()

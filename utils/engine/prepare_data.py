@@ -48,6 +48,7 @@ _SKIPPED_NAMES = ("__MACOSX",)  # resource forks a Mac zip carries beside each f
 MAX_RATIO = 100  # bytes a member may declare per compressed byte (see the module's docstring)
 _RATIO_SLACK = 1 << 20  # small members may compress better: a MiB is never refused
 _LINKS_NAMED = 3  # links a message names before it counts the rest
+_LINK_TARGET = 256  # bytes of a zip link's target a message names
 _DAMAGE = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)  # a cut or damaged archive
 
 
@@ -282,7 +283,9 @@ def _members(archive):
                         f"crafted archive (a zip bomb); nothing of it was written")
             for info in infos:
                 if stat.S_ISLNK(info.external_attr >> 16):  # a link's target is its content
-                    yield info.filename, info.file_size, None, f"symbolic link to {zipped.read(info).decode()}"
+                    with zipped.open(info) as link:
+                        target = link.read(_LINK_TARGET).decode(errors="replace")
+                    yield info.filename, info.file_size, None, f"symbolic link to {target}"
                 else:
                     yield info.filename, info.file_size, lambda info=info: zipped.open(info), None
         return
