@@ -31,7 +31,13 @@ What the allow-list (`FOREIGN_GLOBALS`) holds, and what each name becomes:
 - `argparse.Namespace` (PriMaPs' stored training options, MAE's pickled arguments): a dict of its
   attributes.
 A file that needs anything else (a numpy scalar, a pathlib path, another class) is refused.
+
+Crafted files are refused before they cost memory or a traceback: storages declaring more elements
+than the file has bytes (every storage's bytes are in the file, one byte at least per element; found by
+following the pickle's opcodes, before torch allocates anything), and containers nested more than
+`MAX_DEPTH` deep, or holding themselves (released files nest a handful).
 """
+import os
 import pickle
 import pickletools
 import zipfile
@@ -136,61 +142,134 @@ def _content(obj, key):
     return obj.state[key]
 
 
-def _plain_foreign(obj):
-    kind = obj.kind
+def _plain_foreign(obj, depth):
+    kind, inner = obj.kind, depth + 1
     if kind == "dict_config":
         content = _content(obj, "_content")
-        return {plain(k): plain(v) for k, v in content.items()} if isinstance(content, Mapping) else content
+        return ({plain(k, inner): plain(v, inner) for k, v in content.items()} if isinstance(content, Mapping)
+                else content)
     if kind == "list_config":
         content = _content(obj, "_content")
-        return [plain(v) for v in content] if isinstance(content, list) else content
+        return [plain(v, inner) for v in content] if isinstance(content, list) else content
     if kind == "value_node":
-        return plain(_content(obj, "_val"))
+        return plain(_content(obj, "_val"), inner)
     if kind == "namespace":
-        return {k: plain(v) for k, v in (obj.state or {}).items()}
+        return {k: plain(v, inner) for k, v in (obj.state or {}).items()}
     raise ForeignLayoutError(f"a pickled instance of {obj.foreign_name}, which files hold only as a name")
 
 
-def plain(obj):
+MAX_DEPTH = 100  # containers within containers a file may nest
+
+
+def plain(obj, depth=0):
     """`obj` with every stand-in turned into plain data (see the module docstring); classes become their
-    qualified names, so that Lightning's callback classes key `callbacks` by a string."""
+    qualified names, so that Lightning's callback classes key `callbacks` by a string. ForeignLayoutError
+    for containers nested more than MAX_DEPTH deep (`depth`: how deep `obj` is)."""
+    if depth > MAX_DEPTH:
+        raise ForeignLayoutError(f"containers nested more than {MAX_DEPTH} deep (or one holding itself)")
     if isinstance(obj, ForeignObject):
-        return _plain_foreign(obj)
+        return _plain_foreign(obj, depth)
     if isinstance(obj, type):
         return getattr(obj, "foreign_name", "") or f"{obj.__module__}.{obj.__qualname__}"
     if isinstance(obj, Mapping):
-        return {plain(k): plain(v) for k, v in obj.items()}
+        return {plain(k, depth + 1): plain(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [plain(v) for v in obj]
+        return [plain(v, depth + 1) for v in obj]
     if type(obj) is tuple:
-        return tuple(plain(v) for v in obj)
+        return tuple(plain(v, depth + 1) for v in obj)
     return obj
 
 
-def _pickled_globals(path):
-    """The globals the file's object pickle names, in order, as torch reads them (protocol-2 names
-    mapped to Python 3's); read with pickletools, which only decodes the opcodes."""
-    def from_stream(stream):
+def _pickles(path):
+    """The (opcode, arg) of each pickle of the file's object, a list per pickle, decoded with pickletools
+    (which builds nothing); a damaged pickle ends with what was read before the damage."""
+    def opcodes(stream, into):
         for opcode, arg, _ in pickletools.genops(stream):
-            if opcode.name in ("GLOBAL", "INST"):
-                module, name = arg.split(" ", 1)
-                module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
-                yield f"{module}.{name}"
+            into.append((opcode, arg))
 
     found = []
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
-                found.extend(from_stream(archive.read(name)))
+                found.append([])
+                opcodes(archive.read(name), found[-1])
         else:
             with open(path, "rb") as stream:
                 # torch's legacy format: magic number, protocol version, system info, then the object.
                 for _ in range(4):
-                    found.extend(from_stream(stream))
+                    found.append([])
+                    opcodes(stream, found[-1])
     except (ValueError, StopIteration, zipfile.BadZipFile, EOFError):
-        pass  # a damaged pickle: what was found before the damage is all there is to name
+        pass  # a damaged pickle: what was read before the damage is all there is
     return found
+
+
+def _pickled_globals(path):
+    """The globals the file's object pickle names, in order, as torch reads them (protocol-2 names
+    mapped to Python 3's)."""
+    found = []
+    for opcodes in _pickles(path):
+        for opcode, arg in opcodes:
+            if opcode.name in ("GLOBAL", "INST"):
+                module, name = arg.split(" ", 1)
+                module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+                found.append(f"{module}.{name}")
+    return found
+
+
+class _Mark:
+    """A MARK on the followed stack."""
+
+
+def _declared_elements(opcodes):
+    """{storage key: element count} that one pickle's persistent ids `("storage", type, key, location,
+    count, ...)` declare. The stack is followed only as far as these ids need: strings, numbers, marks,
+    tuples and the memo are kept, every other value is None; a pickle too damaged to follow ends it."""
+    stack, memo, declared = [], {}, {}
+
+    def from_mark():
+        at = max(i for i, item in enumerate(stack) if item is _Mark)
+        items = stack[at + 1:]
+        del stack[at:]
+        return items
+
+    try:
+        for opcode, arg in opcodes:
+            name = opcode.name
+            if name == "MARK":
+                stack.append(_Mark)
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg))
+            elif name == "TUPLE":
+                stack.append(tuple(from_mark()))
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                count = int(name[-1])
+                items = tuple(stack[-count:])
+                del stack[-count:]
+                stack.append(items)
+            elif name == "BINPERSID":
+                pid = stack.pop()
+                if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+                    declared[str(pid[2])] = pid[4]
+                stack.append(None)
+            elif opcode.arg is not None and not opcode.stack_before and len(opcode.stack_after) == 1:
+                stack.append(arg)  # a string, a number, a global's name
+            else:
+                before = opcode.stack_before
+                if pickletools.markobject in before:
+                    from_mark()
+                    del stack[len(stack) - before.index(pickletools.markobject):]
+                elif before:
+                    del stack[-len(before):]
+                stack.extend([None] * len(opcode.stack_after))
+    except (IndexError, ValueError):
+        pass  # a damaged pickle: torch refuses it
+    return declared
 
 
 # Globals torch's weights-only unpickler allows by itself: the ones a refusal cannot have been about.
@@ -210,15 +289,28 @@ def _torch_reason(err):
     text = str(err)
     marker = "WeightsUnpickler error: "
     reason = text[text.index(marker) + len(marker):] if marker in text else text
-    return reason.splitlines()[0] if reason else type(err).__name__
+    return next((line.strip() for line in reason.splitlines() if line.strip()), type(err).__name__)
+
+
+def _oversized(path):
+    """Why the file's storages cannot be what they declare (more elements than the file has bytes), or None."""
+    elements = sum(sum(_declared_elements(opcodes).values()) for opcodes in _pickles(path))
+    size = os.path.getsize(path)
+    if elements > size:
+        return f"its storages declare {elements} elements, more than its {size} bytes can hold"
+    return None
 
 
 def safe_load(path):
     """The object a `torch.save` / Lightning file holds, on CPU, with foreign objects as plain data.
 
-    FileLoadError for a file torch cannot read (truncated, damaged, not a torch file);
-    RefusedGlobalError, naming the file and the global, for a file that names a global outside
-    FOREIGN_GLOBALS (e.g. `os.system`, `builtins.eval`)."""
+    FileLoadError for a file torch cannot read (truncated, damaged, not a torch file, crafted: see the
+    module docstring); RefusedGlobalError, naming the file and the global, for a file that names a
+    global outside FOREIGN_GLOBALS (e.g. `os.system`, `builtins.eval`)."""
+    oversized = _oversized(path)
+    if oversized is not None:
+        raise FileLoadError(f"{path} is not a torch file this project reads ({oversized}): damaged or crafted; "
+                            f"nothing was allocated or run")
     try:
         with torch.serialization.safe_globals(list(STAND_INS.values())):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -231,11 +323,9 @@ def safe_load(path):
                 f"Lightning callback states and argparse.Namespace are read") from None
         raise FileLoadError(f"{path} cannot be read as a torch file without running code: "
                             f"{_torch_reason(err)}") from None
-    except (EOFError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err) and "zip" not in str(err):
-            raise
+    except (EOFError, RuntimeError) as err:  # torch.load's RuntimeErrors are about the file it reads
         raise FileLoadError(f"{path} is not a complete torch file (truncated or damaged?): "
-                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                            f"{_torch_reason(err)}") from None
     try:
         return plain(obj)
     except ForeignLayoutError as err:

@@ -1,6 +1,8 @@
 """prepare_data.py (utils/engine/prepare_data.py): each data set's published archives, built small in their
 real member layouts (datagen.write_archives), turned into the layout the steps read, checked and cropped;
-missing, damaged and interrupted archives; downloads from a server on 127.0.0.1 (tests/file_server.py)."""
+missing, damaged and interrupted archives; downloads from a server on 127.0.0.1 (tests/file_server.py),
+web pages and damaged bodies among them. (tests/test_archives_members.py: what no archive may hold.)"""
+import json
 import os
 import runpy
 import shutil
@@ -15,7 +17,7 @@ from loader import DATASETS, build_dataset, build_source_dataset, existing_crop_
 from loader.archives import LAYOUTS
 from utils.engine import prepare_data as engine
 from utils.engine.prepare_data import PrepareError, prepare
-from utils.runtime.download import MIRROR_VARIABLE
+from utils.runtime.download import MIRROR_VARIABLE, DownloadError, downloaded_note
 
 # The authors' own archives of each root (STEGO's all-in-one cocostuff.zip is tested on its own).
 ORIGINALS = {"cocostuff": ["train2017.zip", "val2017.zip", "stuffthingmaps_trainval2017.zip",
@@ -215,3 +217,57 @@ def test_the_script_ends_a_missing_archive_with_one_error_and_status_2(tmp_path,
     error = capsys.readouterr().err
     assert error.startswith("error [prepare_data]: potsdam3: 1 archive(s) missing") and "Traceback" not in error
     assert "potsdam.zip (size not published), https://marhamilresearch4.blob.core.windows.net/" in error
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_damaged_archive_downloaded_here_is_fetched_again_and_one_placed_by_hand_is_left_alone(
+        published, tmp_path, monkeypatch, recorded):
+    archives, expected = published
+    downloads = tmp_path / "data" / "downloads"
+    downloads.mkdir(parents=True)
+    kept = downloads / "VOCtrainval_11-May-2012.tar"
+    page = b"<!DOCTYPE html><html><body>Quota exceeded</body></html>"
+    kept.write_bytes(page)  # what a download kept before downloads were checked
+    if recorded:
+        downloaded_note(kept).write_text(json.dumps({"url": "http://host.robots.ox.ac.uk/", "size": len(page),
+                                                     "sha256": "sha256:0"}))
+    served = FileServer()
+    monkeypatch.setenv(MIRROR_VARIABLE, served.base)
+    url = LAYOUTS["pascalvoc"].archives["VOCtrainval_11-May-2012.tar"].urls[0]
+    path = served.serve(url, archives["VOCtrainval_11-May-2012.tar"].read_bytes())
+    try:
+        if recorded:
+            prepare("pascalvoc", tmp_path / "data", fetch=True, progress=False)
+        else:
+            with pytest.raises(PrepareError, match=f"archive {kept} is damaged or incomplete .*: fetch it again"):
+                prepare("pascalvoc", tmp_path / "data", fetch=True, progress=False)
+    finally:
+        served.close()
+    if recorded:
+        assert (downloads / ".VOCtrainval_11-May-2012.tar.damaged").read_bytes() == page
+        assert kept.read_bytes() == archives["VOCtrainval_11-May-2012.tar"].read_bytes()
+        assert served.requests_for(path) == [None]
+        assert_prepared("pascalvoc", tmp_path / "data", expected)
+    else:
+        assert kept.read_bytes() == page and served.requests == []
+
+
+def test_a_web_page_or_a_damaged_body_is_never_kept_as_an_archive(published, tmp_path, monkeypatch):
+    archives, _ = published
+    first, second = LAYOUTS["pascalvoc"].archives["VOCtrainval_11-May-2012.tar"].urls
+    served = FileServer()
+    monkeypatch.setenv(MIRROR_VARIABLE, served.base)
+    served.serve(first, b"<html><body>Please sign in</body></html>")
+    content = bytearray(archives["VOCtrainval_11-May-2012.tar"].read_bytes())
+    content[1024:1536] = bytes(512)  # a member's data block zeroed: complete by size, damaged inside
+    content[148:156] = b"0000000\0"  # and the first header's checksum wrong
+    served.serve(second, bytes(content))
+    try:
+        with pytest.raises(DownloadError) as refused:
+            prepare("pascalvoc", tmp_path / "data", fetch=True, progress=False)
+    finally:
+        served.close()
+    message = str(refused.value)
+    assert "\n" not in message and "the server sent a web page (an HTML page)" in message
+    assert "are not a valid VOCtrainval_11-May-2012.tar (damaged or incomplete" in message
+    assert list((tmp_path / "data").rglob("*.tar*")) == []

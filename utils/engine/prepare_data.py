@@ -12,10 +12,24 @@ already exists (another data set of the same root, files placed by hand), the ne
 never replacing one, with the files that index a split (the image lists, Cityscapes' image folders)
 last, so no step reads a layout that is still being completed. Then every val file (and every train
 file of a data set without crops) is decoded, and the crop step writes the training crops.
+
+What an archive may hold (refused before its members are written, PrepareError naming the archive):
+- sizes its compressed bytes can make: a zip member may declare at most MAX_RATIO times its compressed
+  size (plus 1 MiB), a tar's members together at most MAX_RATIO times the archive's size (plus 1 MiB);
+  real images, label maps and lists compress far less, a crafted "zip bomb" far more;
+- sizes the disk can hold: a member larger than the free space left is refused before it is written;
+- one member per name, and per place in the layout: with two, which one is meant cannot be told;
+- links (symbolic or hard) are never extracted: they are skipped and named, and a layout that lacks
+  their files says so rather than that the files are missing.
+A downloaded archive is checked whole before it is renamed into place (its index, every member's CRC
+and the rules above); one downloaded here that later proves damaged is moved aside and, with
+`--download`, fetched again; one placed by hand is named with the fix.
 """
 import argparse
+import gzip
 import os
 import shutil
+import stat
 import tarfile
 import zipfile
 import zlib
@@ -27,14 +41,45 @@ from errors import UserError
 from loader import DATASETS, DatasetLayoutError, dataset_info, split_files, verify_readable
 from loader.archives import LAYOUTS
 from utils.engine.crop import write_cropped_dataset
-from utils.runtime.download import DownloadError, download, downloaded_note
+from utils.runtime.download import DownloadError, download, downloaded, downloaded_note, set_aside
 from utils.runtime.locks import exclusive
 
 _SKIPPED_NAMES = ("__MACOSX",)  # resource forks a Mac zip carries beside each file
+MAX_RATIO = 100  # bytes a member may declare per compressed byte (see the module's docstring)
+_RATIO_SLACK = 1 << 20  # small members may compress better: a MiB is never refused
+_LINKS_NAMED = 3  # links a message names before it counts the rest
+_LINK_TARGET = 256  # bytes of a zip link's target a message names
+_DAMAGE = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)  # a cut or damaged archive
 
 
 class PrepareError(UserError):
     """A data set's archives are missing, damaged, or do not make the layout the steps read."""
+
+
+class DamagedArchiveError(PrepareError):
+    """An archive that cannot be read to its end (`reason`: what broke)."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
+class RefusedArchiveError(PrepareError):
+    """An archive whose members cannot be written safely (see the module's docstring)."""
+
+
+def _megabytes(count):
+    return f"{count / 1e6:.1f} MB"
+
+
+def _one_line(err):
+    """An exception's message on one line (tarfile tells why each compression failed on a line each)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def _bound(compressed):
+    """The most bytes that `compressed` bytes of an archive may declare."""
+    return MAX_RATIO * compressed + _RATIO_SLACK
 
 
 def prepare(name, data_dir, archives=(), fetch=False, download_dir=None, remove_archives=False, num_workers=0,
@@ -87,8 +132,20 @@ def _assemble(name, layout, data_dir, download_dir, given, fetch, remove_archive
     for leftover in staging.glob(".member-*"):  # a member being written when a run was killed
         leftover.unlink()
 
+    links = []  # "archive: member (link to ...)" of the links the layout would have taken
+
     def take(archive):
-        _extract(archive, layout, staging, (staged_root, root), progress)
+        try:
+            links.extend(f"{archive.name}: {link}" for link in _extract(archive, layout, staging,
+                                                                         (staged_root, root), progress))
+        except DamagedArchiveError as err:
+            if downloaded(archive) is None:  # placed by hand: the user's to replace
+                raise
+            aside = set_aside(archive)
+            again = "downloading it again" if fetch else "run again with --download to fetch it again"
+            print(f"[prepare] {archive.name}, downloaded here, is damaged ({err.reason}): moved to {aside}; {again}",
+                  flush=True)
+            return
         if remove_archives:
             archive.unlink()
             downloaded_note(archive).unlink(missing_ok=True)
@@ -103,7 +160,7 @@ def _assemble(name, layout, data_dir, download_dir, given, fetch, remove_archive
                 take(archive)
         missing = _missing_parts(layout, (staged_root, root))
     if missing:
-        raise PrepareError(_missing_message(name, layout, missing, download_dir, fetch))
+        raise PrepareError(_links_note(links) + _missing_message(name, layout, missing, download_dir, fetch))
     if root.exists():
         _merge(staged_root, root, layout.index)
         shutil.rmtree(staging)
@@ -114,9 +171,22 @@ def _assemble(name, layout, data_dir, download_dir, given, fetch, remove_archive
             staged_root.rename(root)
             shutil.rmtree(staging)
     if problem is not None:
-        raise PrepareError(f"the archives read do not make the {name} layout (its archives: "
+        raise PrepareError(f"{_links_note(links)}the archives read do not make the {name} layout (its archives: "
                            f"{', '.join(layout.archives)}); {kept} for the next run.\n{problem}")
     print(f"[prepare] {root} is in place")
+
+
+def _named_links(links):
+    shown = ", ".join(links[:_LINKS_NAMED])
+    return shown + (f" and {len(links) - _LINKS_NAMED} more" if len(links) > _LINKS_NAMED else "")
+
+
+def _links_note(links):
+    """What a layout lacking files says first when the archives held links in their place."""
+    if not links:
+        return ""
+    return (f"{len(links)} member(s) the layout takes are links, which are never extracted ({_named_links(links)}): "
+            f"use archives holding the files themselves, or put the files in place by hand.\n")
 
 
 def _archives_at_hand(layout, given, folders):
@@ -166,8 +236,8 @@ def _download_part(layout, part, download_dir, progress):
     failures = []
     for url in archive.urls:
         try:
-            return download(url, target, progress=progress,
-                            instead=f"put it in {download_dir} (or pass its path)").path
+            return download(url, target, progress=progress, instead=f"put it in {download_dir} (or pass its path)",
+                            check=_archive_problem).path
         except DownloadError as err:
             failures.append(str(err))
     raise DownloadError(" / ".join(failures))
@@ -189,18 +259,50 @@ def _placed(layout, member):
 
 
 def _members(archive):
-    """(name, size, open()) of every regular file of a zip or tar archive, in archive order."""
+    """(name, size, open(), link) of every file and link of a zip or tar archive, in archive order: `link`
+    says what a link member links to (it has no open(), None), and is None for a file. RefusedArchiveError
+    for a name met twice and sizes beyond the bound of MAX_RATIO (a zip's before any member is read)."""
+    seen = set()
+
+    def once(name):
+        if name in seen:
+            raise RefusedArchiveError(f"archive {archive} holds two members named {name}: which one is meant "
+                                      f"cannot be told; use an archive from its authors' page")
+        seen.add(name)
+
     suffixes = "".join(archive.suffixes[-2:]).lower()
     if archive.suffix.lower() == ".zip" or (not suffixes.startswith(".tar") and zipfile.is_zipfile(archive)):
         with zipfile.ZipFile(archive) as zipped:
-            for info in zipped.infolist():
-                if not info.is_dir():
-                    yield info.filename, info.file_size, lambda info=info: zipped.open(info)
+            infos = [info for info in zipped.infolist() if not info.is_dir()]
+            for info in infos:
+                once(info.filename)
+                if info.file_size > _bound(info.compress_size):
+                    raise RefusedArchiveError(
+                        f"archive {archive}: member {info.filename} declares {_megabytes(info.file_size)} from "
+                        f"{_megabytes(info.compress_size)} compressed, more than {MAX_RATIO} times as much: a "
+                        f"crafted archive (a zip bomb); nothing of it was written")
+            for info in infos:
+                if stat.S_ISLNK(info.external_attr >> 16):  # a link's target is its content
+                    with zipped.open(info) as link:
+                        target = link.read(_LINK_TARGET).decode(errors="replace")
+                    yield info.filename, info.file_size, None, f"symbolic link to {target}"
+                else:
+                    yield info.filename, info.file_size, lambda info=info: zipped.open(info), None
         return
     with tarfile.open(archive, "r:*") as tarred:
+        declared, limit = 0, _bound(archive.stat().st_size)
         for info in tarred:
-            if info.isfile():
-                yield info.name, info.size, lambda info=info: tarred.extractfile(info)
+            if info.issym() or info.islnk():
+                yield info.name, 0, None, f"{'symbolic' if info.issym() else 'hard'} link to {info.linkname}"
+            elif info.isfile():
+                once(info.name)
+                declared += info.size
+                if declared > limit:
+                    raise RefusedArchiveError(
+                        f"archive {archive}: its members up to {info.name} declare {_megabytes(declared)}, more "
+                        f"than {MAX_RATIO} times its own {_megabytes(archive.stat().st_size)}: a crafted archive "
+                        f"(a tar bomb); refused before that member was written")
+                yield info.name, info.size, lambda info=info: tarred.extractfile(info), None
         # tarfile ends its iteration quietly where a cut archive stops between two members: a complete
         # one has its end-of-archive marker, a zero block, there.
         tarred.fileobj.seek(tarred.offset)
@@ -208,22 +310,54 @@ def _members(archive):
             raise tarfile.ReadError("it ends before its end-of-archive marker")
 
 
+def _archive_problem(path):
+    """None for an archive whose index, every member's CRC (a zip's; a tar.gz's stream) and the rules of
+    the module's docstring check; otherwise why not, in a few words (a download's check)."""
+    try:
+        for _, _, open_member, _ in _members(path):
+            if open_member is not None:
+                with open_member() as member:
+                    while member.read(1 << 20):
+                        pass
+    except _DAMAGE as err:
+        return f"damaged or incomplete: {_one_line(err)}"
+    except RefusedArchiveError as err:
+        return str(err)
+    return None
+
+
 def _extract(archive, layout, staging, bases, progress):
     """Write `archive`'s members that the layout places under bases[0] (the staged root), skipping those
-    already of the right size in any of `bases`; each member goes to a file of its own and is renamed."""
+    already of the right size in any of `bases`; each member goes to a file of its own and is renamed.
+    Returns the links the layout would have placed, "member (link to ...)", skipped."""
     staged_root = bases[0]
     scratch = staging / f".member-{os.getpid()}"
     made = set()
+    placed = {}  # relative path -> the member going there
+    links = []
     written = kept = 0
     try:
         bar = tqdm(_members(archive), desc=f"[prepare] {archive.name}", unit=" files", disable=not progress)
-        for member, size, open_member in bar:
+        for member, size, open_member, link in bar:
             relative = _placed(layout, member)
             if relative is None:
                 continue
+            if link is not None:
+                links.append(f"{member} ({link})")
+                continue
+            if relative in placed:
+                raise RefusedArchiveError(f"archive {archive} holds {placed[relative]} and {member}, which both "
+                                          f"go to {relative}: which one is meant cannot be told; use an archive "
+                                          f"from its authors' page")
+            placed[relative] = member
             if any(_has_size(base / relative, size) for base in bases):
                 kept += 1
                 continue
+            free = shutil.disk_usage(staged_root).free
+            if size > free:
+                raise PrepareError(f"cannot extract {member} of {archive}: it needs {_megabytes(size)} and "
+                                   f"{staged_root} has {_megabytes(free)} free; free some space and run again (the "
+                                   f"{written + kept} files taken from it so far are kept)")
             destination = staged_root / relative
             if destination.parent not in made:
                 destination.parent.mkdir(parents=True, exist_ok=True)
@@ -232,17 +366,21 @@ def _extract(archive, layout, staging, bases, progress):
                 shutil.copyfileobj(source, copy, 1 << 20)
             os.replace(scratch, destination)
             written += 1
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as err:
-        raise PrepareError(f"archive {archive} is damaged or incomplete ({err}): fetch it again; the "
-                           f"{written + kept} files taken from it so far are kept") from None
+    except _DAMAGE as err:
+        raise DamagedArchiveError(f"archive {archive} is damaged or incomplete ({_one_line(err)}): fetch it again; "
+                                  f"the {written + kept} files taken from it so far are kept", _one_line(err)) from None
     except OSError as err:
         raise PrepareError(f"cannot extract {archive} into {staged_root}: {err}") from None
     finally:
         scratch.unlink(missing_ok=True)
-    if written + kept == 0:
+    if links:
+        print(f"[prepare] {archive.name}: {len(links)} link member(s) skipped, links are never extracted: "
+              f"{_named_links(links)}")
+    if written + kept == 0 and not links:
         raise PrepareError(f"archive {archive} holds none of the files of the {layout.root} layout; its "
                            f"archives are: {', '.join(layout.archives)}")
     print(f"[prepare] {archive.name}: {written} files extracted, {kept} already there")
+    return links
 
 
 def _has_size(path, size):

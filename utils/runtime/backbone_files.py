@@ -5,6 +5,12 @@ to the working directory), then for `<cache_dir>/dino_vit_base_8.pth`, and other
 authors' release (models/releases.py) to the latter (utils/runtime/download.py: progress, resume, size
 check, one download for all processes). The file keeps the layout its authors ship and is named
 `<arch>.pth`, so its arch and the artifact folders follow from its name as for any checkpoint.
+
+A release file is a torch file the safe loader reads (models/safe_load.py), or it is not used: a download
+is checked before it is renamed into place, and its record says so. Any other file found is read each
+time it is found: one this project downloaded before downloads were checked (its record says where it
+came from) that cannot be read is moved aside and downloaded again; one placed by hand is named in the
+error with the fix, and left as it is.
 """
 import os
 from dataclasses import dataclass
@@ -12,7 +18,8 @@ from pathlib import Path
 
 from models import ARCHS, CheckpointError
 from models.releases import RELEASES
-from utils.runtime.download import DownloadError, Downloaded, download, downloaded
+from models.safe_load import FileLoadError, safe_load
+from utils.runtime.download import DownloadError, Downloaded, download, downloaded, set_aside
 
 CHECKPOINT_DIR = Path("checkpoint")
 
@@ -46,10 +53,31 @@ def backbone_file(ckpt, cache_dir=None, fetch=True, progress=True):
     cached = cache_dir / f"{name}.pth"
     for candidate in (CHECKPOINT_DIR / f"{name}.pth", cached):
         if candidate.is_file():
-            return BackboneFile(candidate, release.url, downloaded(candidate))
+            record = downloaded(candidate)
+            problem = None if record is not None and record.checked else torch_file_problem(candidate)
+            if problem is None:
+                return BackboneFile(candidate, release.url, record)
+            if record is None:
+                raise CheckpointError(f"{candidate} is not the {name} release file ({problem}), and this project "
+                                      f"did not download it: replace it with {release.url} ({release.file_name}), "
+                                      f"or delete it and --ckpt {name} downloads it to {cached}")
+            aside = set_aside(candidate)
+            print(f"[backbone] {candidate}, downloaded here, cannot be read ({problem}): moved to {aside}, "
+                  f"downloading it again", flush=True)
+            break
     instead = f"save it as {cached} (or as {CHECKPOINT_DIR / f'{name}.pth'})"
     if not fetch:
         raise DownloadError(f"the {name} release is not on this machine and downloads are off: fetch "
                             f"{release.url} ({release.file_name}) and {instead}")
     print(f"[backbone] {name}: downloading {release.file_name} to {cached}", flush=True)
-    return BackboneFile(cached, release.url, download(release.url, cached, release.size, progress, instead=instead))
+    return BackboneFile(cached, release.url, download(release.url, cached, release.size, progress, instead=instead,
+                                                      check=torch_file_problem))
+
+
+def torch_file_problem(path):
+    """None for a torch file the safe loader reads; otherwise why it is not one, in a few words."""
+    try:
+        safe_load(path)
+    except FileLoadError as err:
+        return str(err).removeprefix(f"{path} ")
+    return None
