@@ -8,16 +8,20 @@ timeout, so that a hang fails the test instead of stalling the suite.
 """
 import os
 import re
+import signal
 import subprocess
 import sys
+from functools import partial
 
 import pytest
+import torch
 from conftest import ROOT
 from steps import make_tiny_setup, only_for, step_args
 from test_distributed import free_port
 
 from loader.synthetic import make_synthetic_cocostuff
 from models import stand_in_release
+from modules.crf import CrfWorkerDied, crf_inference_job, crf_inputs, crf_pool, dense_crf_batch
 from models.stand_in import save_foreign, stand_in_stego
 from utils.runtime.io import save_torch
 
@@ -125,3 +129,32 @@ def test_a_killed_training_process_ends_the_run_in_one_line_and_a_rerun_finishes
     assert_no_lock(tmp_path)
     ok(run("train_mediator.py", args))
     assert list(tmp_path.rglob("modular.npy")), "the rerun wrote its clusterbook"
+
+
+def test_the_crf_pool_gives_the_bits_one_process_gives():
+    images, log_probs = torch.randn(3, 3, 12, 12), torch.randn(3, 5, 4, 4).log_softmax(1)
+    alone = dense_crf_batch(images, log_probs, max_iter=2)
+    inputs = [crf_inputs(image, lp) for image, lp in zip(images, log_probs, strict=True)]
+    job = partial(crf_inference_job, max_iter=2)
+    with crf_pool(2) as pool:
+        assert torch.equal(dense_crf_batch(images, log_probs, max_iter=2, pool=pool), alone)  # the test steps
+        masks = pool.map_async(job, inputs)  # PriMaPs' pseudo masks
+        one = pool.apply_async(job, (inputs[1],))  # predict.py
+        assert torch.equal(torch.from_numpy(one.get()), alone[1])
+        assert all(torch.equal(torch.from_numpy(q), a) for q, a in zip(masks.get(), alone, strict=True))
+        assert masks.ready()
+
+
+def _killed_at(index, victim):
+    if index == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return index
+
+
+@pytest.mark.parametrize("use", ["map_async", "apply_async"])
+def test_a_crf_worker_killed_under_each_way_the_pool_is_used_is_noticed(use):
+    with crf_pool(2) as pool:
+        pending = (pool.map_async(partial(_killed_at, victim=2), range(4)) if use == "map_async" else
+                   pool.apply_async(_killed_at, (0, 0)))
+        with pytest.raises(CrfWorkerDied, match="--crf_workers 2"):
+            pending.get()
