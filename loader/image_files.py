@@ -7,6 +7,7 @@ gigabytes). `to_rgb` makes the 8-bit RGB image a viewer shows of any colour mode
 grayscale is scaled into 0..255, not clipped to white.
 """
 import math
+import re
 import warnings
 
 import numpy as np
@@ -34,8 +35,10 @@ def decode(path):
     except FileNotFoundError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise UndecodableImage(f"refused as a possible decompression bomb: {err} (the limit is PIL's "
-                               f"{MAX_PIXELS:,} pixels)") from None
+        declared = re.search(r"\((\d+) pixels\)", str(err))  # PIL's words: "Image size (N pixels) exceeds ..."
+        size = f"{int(declared.group(1)):,} pixels" if declared else "more pixels than PIL's limit"
+        raise UndecodableImage(f"it declares {size}, more than the {MAX_PIXELS:,} an image may have: refused as "
+                               f"a possible decompression bomb (a small file that decodes into gigabytes)") from None
     # Decoders raise many types for bad files (OSError, SyntaxError, struct.error, EOFError, ...);
     # anything raised while decoding this file is about this file.
     except Exception as err:
