@@ -156,7 +156,8 @@ def launch_single(worker, cfg):
     if torchrun_rank() != 0:
         return None
     gpus = requested_gpus(cfg.gpu)
-    return worker(cfg, Dist(0, 1, _device(gpus[0] if gpus else None)))
+    with data_loader_failures():  # predict.py's too
+        return worker(cfg, Dist(0, 1, _device(gpus[0] if gpus else None)))
 
 
 def _device(gpu):
