@@ -7,7 +7,7 @@ Every layout problem is reported with the file that is missing and the layout th
 import json
 import os
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from scipy.io import loadmat
 from torchvision.transforms.functional import to_pil_image
 
 from errors import UserError
+from loader.image_files import UndecodableImage, decode, to_rgb
 
 LABEL_MAPS = Path(__file__).with_name("label_maps.json")
 COCO_LIST = "Coco164kFull_Stuff_Coarse.txt"
@@ -58,10 +59,24 @@ def require_files(paths, what, fail, hint=""):
 def _read_list(list_file, fail):
     if not list_file.is_file():
         raise fail(f"image list {list_file} is missing.")
-    ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    ids = []
+    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        if line.strip():
+            ids.append(_inside(line.strip(), list_file, number))
     if not ids:
         raise fail(f"image list {list_file} names no images.")
     return ids
+
+
+def _inside(entry, list_file, number):
+    """`entry` of an image list, refused when it leaves the data folder: an absolute path, or a ".."
+    component (a link inside the data folder may lead elsewhere: a data set kept on another disk)."""
+    path = PurePosixPath(entry)
+    why = "an absolute path" if path.is_absolute() else "a '..' component" if ".." in path.parts else None
+    if why is not None:
+        raise DataError(f"{list_file}, line {number}: {entry!r} is {why}, which would read a file outside the "
+                        f"data folder; an image list names image IDs (file names without extension) inside it")
+    return entry
 
 
 def _listed_files(list_file, image_dir, label_dir, image_suffix, label_suffix, fail):
@@ -78,18 +93,47 @@ def _listed_files(list_file, image_dir, label_dir, image_suffix, label_suffix, f
 
 
 def open_image(path, kind):
-    """Open and fully decode an image so a corrupt or truncated file fails here, naming itself."""
-    picture = None
+    """Open and fully decode an image (loader/image_files.decode: as predict.py reads one) so that a
+    corrupt, truncated or too large file fails here, naming itself."""
     try:
-        picture = Image.open(path)
-        picture.load()  # also closes the file: the pixels are in memory now
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError, ValueError) as err:
-        if picture is not None:
-            picture.close()
+        return decode(path)
+    except UndecodableImage as err:
         raise DataError(f"cannot read {kind} file {path}: {err}") from err
-    return picture
+
+
+def read_rgb(path):
+    """A data set's image as 8-bit RGB, converted as predict.py converts a user's image
+    (loader/image_files.to_rgb: 16-bit grayscale scaled, not clipped to white). Not turned by its
+    EXIF orientation: a data set's labels are drawn on the stored pixel grid."""
+    picture = open_image(path, "image")
+    try:
+        return to_rgb(picture)
+    except ValueError as err:  # a colour mode PIL cannot convert, e.g. LAB
+        raise DataError(f"cannot read image file {path}: colour mode {picture.mode} does not convert to RGB "
+                        f"({err})") from err
+
+
+# Label images hold one class id per pixel: 8-bit grayscale (L) or palette (P, whose indices are the
+# ids, as in Pascal VOC) as stored; 1-bit (ids 0 and 1) and 16-bit or 32-bit integer grayscale (ids up
+# to 255) are read as those ids.
+LABEL_MODES = ("L", "P")
+WIDE_LABEL_MODES = ("1", "I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def read_label(path):
+    """A data set's label image as stored class ids (PIL mode L or P); DataError for an image that holds
+    no class ids (colour, alpha, float) or ids over 255."""
+    picture = open_image(path, "label")
+    if picture.mode in LABEL_MODES:
+        return picture
+    if picture.mode not in WIDE_LABEL_MODES:
+        raise DataError(f"label file {path} is a {picture.mode} image; expected one channel of class ids "
+                        f"(an 8-bit grayscale or palette PNG: PIL mode L or P; 1-bit and 16-bit grayscale are "
+                        f"read too)")
+    ids = np.asarray(picture).astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
+        raise DataError(f"label file {path} holds values outside 0..255 ({ids.min()}..{ids.max()})")
+    return Image.fromarray(ids.astype(np.uint8), mode="L")
 
 
 class Layout:
@@ -101,7 +145,7 @@ class Layout:
     root = ""
 
     def read_pair(self, image_file, label_file):
-        return open_image(image_file, "image").convert("RGB"), open_image(label_file, "label")
+        return read_rgb(image_file), read_label(label_file)
 
 
 class CocoStuff(Layout):

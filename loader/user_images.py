@@ -2,28 +2,26 @@
 
 `list_inputs` turns command-line arguments (image files, folders, `.txt` lists) into an
 ordered list of `InputImage`s, each with a unique output name. `read_image` decodes one file
-into an 8-bit RGB PIL image as a viewer would show it; `check_processable` refuses sizes that
+into an 8-bit RGB PIL image as a viewer would show it (as the steps read a data set's images:
+loader/image_files.py); `check_processable` refuses sizes that
 cannot be segmented meaningfully. Both raise a `RejectedImage` naming the file and the reason,
 so a caller can report the image and go on with the others; a missing input or a bad list is a
 user error (errors.UserError) that stops the run before any image is read.
 """
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from errors import UserError
+from loader.image_files import UndecodableImage, decode, to_rgb
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 LIST_EXTENSION = ".txt"
 # Past this long/short side ratio the working image (short side at the model's resolution) and
 # the number of windows grow too large: 64 keeps a 320-pixel working image near 80 MB / 127 windows.
 MAX_ASPECT = 64
-
-_WHITE = (255, 255, 255)
 
 
 class MissingInput(UserError):
@@ -140,58 +138,23 @@ def _with_unique_names(candidates):
 
 
 def read_image(path):
-    """The 8-bit RGB PIL image of a file's content, as an image viewer shows it.
+    """The 8-bit RGB PIL image of a file's content, as an image viewer shows it, read as the steps read a
+    data set's images (loader/image_files.py: decoded in full, so a truncated, corrupt or too large file
+    fails now, as `UnreadableImage`; 16-bit grayscale scaled; transparency onto white), and:
 
-    - Fully decoded here, so a truncated or corrupt file fails now, as `UnreadableImage`.
-    - The EXIF orientation is applied: a portrait photo comes back upright, sides swapped.
-    - Multi-frame files (TIFF pages, animated WebP/PNG): the first frame.
-    - Grayscale (1, L), palette (P) and CMYK become RGB by PIL's conversions.
-    - 16-bit and wider grayscale (I;16*, I, F): see `_to_8bit`; 16-bit values v become round(v/257),
-      so 0..65535 spans 0..255 exactly.
-    - Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited onto white,
-      not dropped: what lies under transparent pixels is whatever the editor left there (often
-      black or stale content), whereas white is what viewers and web pages show, and half-transparent
-      edges blend instead of leaving a dark fringe.
-    - Embedded ICC colour profiles are not applied (values are taken as sRGB).
+    - the EXIF orientation is applied: a portrait photo comes back upright, sides swapped;
+    - multi-frame files (TIFF pages, animated WebP/PNG): the first frame.
     """
     try:
-        with Image.open(path) as picture:
-            picture.load()
+        with decode(path) as picture:
             upright = ImageOps.exif_transpose(picture)
-    # Decoders raise many types for bad files (OSError, SyntaxError, struct.error, EOFError,
-    # DecompressionBombError, ...); anything raised while decoding this file is about this file.
-    except Exception as err:
-        raise UnreadableImage(path, f"cannot read image ({type(err).__name__}: {err})") from err
+    except (FileNotFoundError, UndecodableImage) as err:
+        reason = str(err) if isinstance(err, UndecodableImage) else f"{type(err).__name__}: {err}"
+        raise UnreadableImage(path, f"cannot read image ({reason})") from err
     try:
-        return _to_rgb(upright)
+        return to_rgb(upright)
     except ValueError as err:  # a colour mode PIL cannot convert, e.g. LAB
         raise UnreadableImage(path, f"cannot convert colour mode {upright.mode} to RGB: {err}") from err
-
-
-def _to_rgb(picture):
-    if picture.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        picture = _to_8bit(picture)
-    if picture.has_transparency_data:
-        rgba = picture.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return picture.convert("RGB")
-
-
-def _to_8bit(picture):
-    """One-channel image with more than 8 bits -> mode L.
-
-    Values are scaled from their nominal range: 0..65535 for integer modes (16-bit PNG and TIFF;
-    PIL may widen them to mode I), 0..1 for float (F). Values outside it (32-bit integers, floats
-    in other units) are stretched linearly from their own minimum..maximum instead of clipped.
-    Non-finite values become 0.
-    """
-    values = np.nan_to_num(np.asarray(picture, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = 0.0, 1.0 if picture.mode == "F" else 65535.0
-    if values.size and (values.min() < low or values.max() > high):
-        low, high = float(values.min()), float(values.max())
-    scaled = (values - low) * (255.0 / max(high - low, math.ulp(1.0)))
-    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
 
 
 def check_processable(size, min_side, max_aspect=MAX_ASPECT, path=None):

@@ -1,5 +1,7 @@
 """Dense CRF refinement of the cluster predictions (docs/cause.md §6), with the official settings."""
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from functools import partial
 
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydensecrf.utils import unary_from_softmax
 
+from errors import UserError
 from loader.transforms import denormalize
 
 GAUSSIAN_SXY, GAUSSIAN_COMPAT = 1, 3
@@ -57,15 +60,72 @@ def dense_crf(image, log_probs, max_iter=10):
 
 def dense_crf_batch(images, log_probs, max_iter=10, pool=None):
     """[B,3,H,W], [B,K,h,w] -> [B,K,H,W] on the images' device; the CRF itself runs on CPU,
-    across `pool` (a multiprocessing pool) when one is given."""
+    across `pool` (a CrfPool) when one is given."""
     inputs = [crf_inputs(image, lp) for image, lp in zip(images, log_probs, strict=True)]
     job = partial(crf_inference_job, max_iter=max_iter)
     outputs = pool.map(job, inputs) if pool is not None else [job(pair) for pair in inputs]
     return torch.from_numpy(np.stack(outputs)).to(images.device)
 
 
+class CrfWorkerDied(UserError):
+    """A CRF worker process ended before its job was done: killed (the system's out-of-memory killer
+    sends SIGKILL) or crashed. multiprocessing.Pool would wait for that job forever."""
+
+
+class _Pending:
+    """The results of jobs started on a CrfPool: ready() without waiting, get() waits for them all."""
+
+    def __init__(self, futures, workers):
+        self.futures, self.workers = futures, workers
+
+    def ready(self):
+        return all(future.done() for future in self.futures)
+
+    def get(self):
+        try:
+            return [future.result() for future in self.futures]
+        except BrokenProcessPool:
+            raise CrfWorkerDied(f"a dense-CRF worker process (one of --crf_workers {self.workers}) died before "
+                                f"its image was done: killed (the out-of-memory killer does so when memory runs "
+                                f"out) or crashed; run the step again, with fewer --crf_workers if memory is "
+                                f"short") from None
+
+
+class _PendingOne(_Pending):
+    def get(self):
+        return super().get()[0]
+
+
+class CrfPool:
+    """Worker processes for the CRF jobs, used as multiprocessing.Pool's map, map_async and apply_async
+    are, except that a worker that dies stops the work with CrfWorkerDied instead of leaving its job
+    pending forever (concurrent.futures notices a dead worker; multiprocessing.Pool replaces it and
+    loses the job). The jobs run the same functions either way, so the results are the same bits."""
+
+    def __init__(self, workers):
+        self.workers = workers
+        self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        # A fork-based executor forks all its workers at its first job: make that happen now (crf_pool).
+        self.executor.submit(int).result()
+
+    def apply_async(self, function, args=()):
+        return _PendingOne([self.executor.submit(function, *args)], self.workers)
+
+    def map_async(self, function, iterable):
+        return _Pending([self.executor.submit(function, item) for item in iterable], self.workers)
+
+    def map(self, function, iterable):
+        return self.map_async(function, iterable).get()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
 def crf_pool(workers):
-    """A pool of `workers` processes for dense_crf_batch, or a null context for one worker.
+    """A CrfPool of `workers` processes for dense_crf_batch, or a null context for one worker.
 
     Forked: create it before CUDA starts in this process where the process can (a child forked after
     CUDA started inherits a state it must not touch); the workers run numpy and pydensecrf only, so,
@@ -73,4 +133,4 @@ def crf_pool(workers):
     """
     if workers <= 1:
         return nullcontext()
-    return multiprocessing.get_context("fork").Pool(workers)
+    return CrfPool(workers)

@@ -12,7 +12,8 @@ def _pairwise_argmax(assign, row_chunk):
     """argmax_k assign[b,i,k] * assign[b,j,k] -> [B, P, P] int64, a block of rows i at a time."""
     b, p, k = assign.shape
     if row_chunk is None:
-        row_chunk = max(1, _CHUNK_BYTES // (b * p * k * assign.element_size()))
+        # max(1, ...): a process's share of a short last batch may hold no image (b = 0).
+        row_chunk = max(1, _CHUNK_BYTES // max(1, b * p * k * assign.element_size()))
     blocks = [(assign[:, start:start + row_chunk, None, :] * assign[:, None, :, :]).argmax(-1)
               for start in range(0, p, row_chunk)]
     return torch.cat(blocks, dim=1)

@@ -6,8 +6,10 @@ stored values, with a few planted pixels whose classes differ from one data set 
 another. Sizes are (height, width); the default 40×56 is not square on purpose.
 """
 import io
+import struct
 import tarfile
 import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -245,3 +247,15 @@ def write_archives(folder, seed=0):
                         **{f"potsdam/{name}": path for name, path in _files(potsdam).items()}},
     }
     return {name: pack_archive(folder / "archives" / name, members) for name, members in archives.items()}, expected
+
+
+def declared_size_png(path, width, height):
+    """A PNG of a few dozen bytes whose header declares width×height 8-bit grayscale pixels and that holds
+    no pixel data: how a decompression bomb looks to a reader before it decodes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from loader import verify_readable
 from utils.engine.status import (data_files, decide_to_run, fingerprint_cache, identity, released, say,
                                  upstream_inputs, uses_backbone, with_backbone_file)
-from utils.runtime.distributed import Dist, launch, launch_single, process_count, torchrun_rank
+from utils.runtime.distributed import (Dist, data_loader_failures, launch, launch_single, process_count,
+                                       torchrun_rank)
 from utils.runtime.locks import exclusive
 from utils.runtime.paths import ArtifactPaths, RunFiles, paths_of
 from utils.runtime.recipe import recipe_for
@@ -74,8 +75,11 @@ def run_step(cfg, engine):
     recipe = recipe_for(cfg, step.paper_gpus, process_count(cfg)) if step.trains else None
     files = run_files(cfg, outputs)
     fingerprints = fingerprint_cache(cfg)
-    # Under torchrun every process runs this; the first one holds the lock for all of them.
-    with exclusive(files.lock, f"{label} ({outputs[0]})") if torchrun_rank() == 0 else nullcontext():
+    # Under torchrun every process runs this; the first one holds the lock for all of them. What the
+    # data-loader workers of this process meet is told as the user errors it is (a worker that died, a
+    # damaged file), one line.
+    with (exclusive(files.lock, f"{label} ({outputs[0]})") if torchrun_rank() == 0 else nullcontext(),
+          data_loader_failures()):
         listed = {split: data_files(cfg, split) for split in step.data}
         upstream = upstream_inputs(cfg, paths, fingerprints)
         warnings = check_complete(upstream, cfg.accept_partial)

@@ -11,10 +11,16 @@ Trained modules are never wrapped in DDP: the step engines call their parts sepa
 A user error (errors.UserError) raised in a spawned process reaches the user as the same one
 line as in a single process: the process hands its message to the launcher and exits, the
 launcher stops the others and raises it again. Under torchrun the process that raised prints it.
+A process that dies (killed by a signal: the out-of-memory killer sends SIGKILL) ends the run as
+ProcessDied, one line naming it and the signal; so does a data-loader worker process that dies
+(`data_loader_failures`).
 """
 import os
+import re
+import signal
 import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +38,20 @@ PEER_STOPPED_STATUS = 3
 
 class LaunchError(UserError):
     """The processes of a run cannot be started as asked (busy port, absent GPUs)."""
+
+
+class ProcessDied(UserError):
+    """A process of the run (a training process, a data-loader worker) ended before its work was done:
+    killed by a signal (the out-of-memory killer sends SIGKILL) or crashed."""
+
+
+RERUN = "run the step again (a training step resumes from its last saved epoch)"
+# torch's words for a data-loader worker that died: "DataLoader worker (pid 123) is killed by signal:
+# Killed." (noticed on SIGCHLD) or "DataLoader worker (pid(s) 123) exited unexpectedly".
+LOADER_WORKER_DIED = "DataLoader worker (pid"
+# What torch makes of an exception raised in a data-loader worker: the exception's type again, its
+# message a traceback ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...").
+LOADER_WORKER_RAISED = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
 
 
 def debugging():
@@ -69,16 +89,65 @@ def launch(worker, cfg, label):
         return worker(cfg, Dist(0, 1, _device(gpus[0] if gpus else None)))
     _check_port_free(cfg.port)
     results = mp.get_context("spawn").Manager().dict()
+    processes = mp.start_processes(_run_process, args=(worker, cfg, label, gpus, results), nprocs=world_size,
+                                   join=False, start_method="spawn")
     try:
-        mp.spawn(_run_process, args=(worker, cfg, label, gpus, results), nprocs=world_size, join=True)
+        while not processes.join():
+            pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException):
         # A process that meets a user error leaves its message here before it exits; the others may
-        # fail after it (a collective's peer is gone) and be reported first. Any other failure (a bug,
-        # a process killed or out of memory) is reported as torch's launcher reports it.
+        # fail after it (a collective's peer is gone) and be reported first. So may the others of a
+        # process killed by a signal. Any other failure (a bug) is reported as torch's launcher reports it.
         if "user_error" in results:
             raise UserError(results["user_error"]) from None
+        killed = _killed(processes.processes)
+        if killed is not None:
+            rank, process, name = killed
+            raise ProcessDied(f"training process {rank} of {world_size} (PID {process.pid}) was killed by signal "
+                              f"{name}: the out-of-memory killer does so when memory runs out; {RERUN}") from None
         raise
     return results.get("result")
+
+
+def _killed(processes):
+    """(rank, process, signal name) of the first process of a failed run that a signal ended, None when
+    none was; the SIGTERM torch's launcher sends the survivors of a failed process does not count."""
+    for rank, process in enumerate(processes):
+        code = process.exitcode
+        if code is not None and code < 0 and -code != signal.SIGTERM:
+            return rank, process, signal.Signals(-code).name
+    return None
+
+
+@contextmanager
+def data_loader_failures():
+    """Tell what a DataLoader's worker processes met in the body as the user errors they are: a worker
+    that died becomes ProcessDied, one line; a user error raised in a worker (a damaged data file) is
+    raised again with its own message instead of the traceback torch wraps it in."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not str(err).startswith(LOADER_WORKER_DIED):
+            raise
+        raise ProcessDied(f"a data-loader worker process died ({str(err).strip()}): the out-of-memory killer "
+                          f"does so when memory runs out; {RERUN}, with fewer --num_workers if memory is "
+                          f"short") from None
+    except UserError as err:
+        message = _message_of_worker_error(err)
+        if message is None:
+            raise
+        raise type(err)(message) from None
+
+
+def _message_of_worker_error(err):
+    """The message of user error `err` as raised in a data-loader worker; None for one raised here."""
+    text = str(err)
+    if not LOADER_WORKER_RAISED.match(text):
+        return None
+    kind = type(err)
+    head = f"\n{kind.__module__}.{kind.__qualname__}: "
+    start = text.rfind(head)
+    return None if start < 0 else text[start + len(head):].rstrip("\n")
 
 
 def launch_single(worker, cfg):
@@ -87,7 +156,8 @@ def launch_single(worker, cfg):
     if torchrun_rank() != 0:
         return None
     gpus = requested_gpus(cfg.gpu)
-    return worker(cfg, Dist(0, 1, _device(gpus[0] if gpus else None)))
+    with data_loader_failures():  # predict.py's too
+        return worker(cfg, Dist(0, 1, _device(gpus[0] if gpus else None)))
 
 
 def _device(gpu):
@@ -111,7 +181,8 @@ def _run_process(local_rank, worker, cfg, label, gpus, results):
     dist.init_process_group("nccl" if gpu is not None else "gloo", rank=rank, world_size=world_size,
                             **({"device_id": device} if gpu is not None else {}))
     try:
-        result = worker(cfg, Dist(rank, world_size, device))
+        with data_loader_failures():
+            result = worker(cfg, Dist(rank, world_size, device))
         if results is not None and rank == 0:
             results["result"] = result
         return result
