@@ -1,4 +1,4 @@
-"""The benchmark's baseline (utils/official_formulation.py) computes what the project computes,
+"""The benchmark's baseline (utils/tools/official_formulation.py) computes what the project computes,
 so that the benchmark compares the costs of equal work; and the benchmark runs end to end.
 No timing is asserted here."""
 import copy

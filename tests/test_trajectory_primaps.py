@@ -225,7 +225,7 @@ def load_linear_probe(linear, weights):
 
 
 class InitStage:
-    """KMeansTraining as utils/engine/primaps.initialise builds it, from the golden initial weights (the
+    """KMeansTraining as utils/engine/primaps_init.work builds it, from the golden initial weights (the
     k-means probe's v in place of the PCA's directions)."""
 
     tensors, grad_params, saved = INIT_TENSORS, INIT_GRAD_PARAMS, INIT_SAVED
@@ -450,7 +450,7 @@ def compare_final(case, stage):
     if isinstance(stage, EMStage):
         out += compare_number("final", "cluster_probe.initted", case["final_state"]["cluster_probe.initted"].item(),
                               float(int(saved["momentum.calls"]) >= 2), 0, 0)
-    else:  # the init artifact holds the prototypes only (utils/engine/primaps.initialise): the probe as trained
+    else:  # the init artifact holds the prototypes only (utils/engine/primaps_init.work): the probe as trained
         for name in ("linear_probe.weight", "linear_probe.bias"):
             out += compare_tensor("final", name, case["final_state"][name], stage.tensors[name](stage), 0.0,
                                   TENSOR_ATOL)

@@ -7,7 +7,7 @@ projection 2048, concept bank full: 100 entries for each prototype); --small (th
 on CPU) reduced ones that run in about a minute on two CPU cores. Single shape values can
 be overridden (--arch, --resolution, ...).
 
-Measured, for this project and for the official formulation (utils/official_formulation.py):
+Measured, for this project and for the official formulation (utils/tools/official_formulation.py):
 - mediator step: modularity loss forward and backward and the Adam step on the clusterbook;
 - front-door step, TR and MLP heads: heads and projections, contrastive loss against the
   full bank, backward, Adam step, EMA update, bank update;
