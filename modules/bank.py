@@ -77,25 +77,6 @@ class ConceptBank:
         stored = valid.nonzero().squeeze(1)
         return prototype[stored], self._storage[stored], valid[stored]
 
-    @classmethod
-    def from_entries(cls, entries, num_prototypes, capacity=100, dim=None):
-        """A bank holding `entries` {prototype: [n, dim] values, oldest first} (the golden files'
-        form); only the newest `capacity` of a longer list are kept. `dim` is needed only
-        when `entries` is empty."""
-        first = next(iter(entries.values()), None)
-        if first is None and dim is None:
-            raise ValueError("an empty entries dict does not tell the projection dim: pass dim")
-        bank = cls(num_prototypes, first.shape[-1] if dim is None else dim, capacity,
-                   device=None if first is None else first.device,
-                   dtype=torch.float32 if first is None else first.dtype)
-        for k, stored in entries.items():
-            stored = stored[-capacity:]
-            n = stored.shape[0]
-            bank.values[k, :n] = stored
-            bank.count[k] = n
-            bank.head[k] = n % capacity
-        return bank
-
     def state_dict(self):
         return {"storage": self._storage, "count": self.count, "head": self.head}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_golden
-from whole_batch import contrastive_loss, modularity_loss
+from whole_batch import bank_from_entries, contrastive_loss, modularity_loss
 
 from loader.samplers import BatchShare
 from modules.bank import ConceptBank
@@ -157,7 +157,7 @@ def test_contrastive_matches_official(golden):
     for case in golden["contrastive"]:
         k, dim = case["codebook"].shape[0], case["proj_feat_ema"].shape[-1]
         if case["bank"]:
-            banks = [ConceptBank.from_entries(case["bank"], k)]
+            banks = [bank_from_entries(case["bank"], k)]
         else:
             banks = [None, ConceptBank(k, dim)]
         index = quantize_index(case["feat"], case["codebook"])
@@ -170,7 +170,7 @@ def test_contrastive_matches_official(golden):
 
 def test_contrastive_is_float32_under_autocast(golden):
     case = golden["contrastive"][2]
-    bank = ConceptBank.from_entries(case["bank"], case["codebook"].shape[0])
+    bank = bank_from_entries(case["bank"], case["codebook"].shape[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = contrastive_loss(case["feat"], case["proj_feat"], case["proj_feat_ema"], case["codebook"], bank)
     assert mixed.dtype == torch.float32
