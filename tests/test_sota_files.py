@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from official_helpers import ema_code, head_sizes
 
 from errors import UserError
 from models import convert_checkpoint, load_backbone
 from models.registry import ARCHS
-from models.released import SotaFileError, head_sizes, load_sota_model, read_sota_file
+from models.released import SotaFileError, load_sota_model, read_sota_file
 from models.released_primaps import load_primaps_backbone, load_primaps_model, read_primaps_checkpoint
 from models.safe_load import STAND_INS, FileLoadError, RefusedGlobalError, foreign_class, safe_load
 from models.stand_in import (STAND_IN_EMA_CALLS, omegaconf_config, release_keys, save_foreign, stand_in_hp,
@@ -255,7 +256,7 @@ def test_hp_file_and_its_options(files, tmp_path):
     assert (sota.family, sota.arch, sota.sizes.ema, sota.cfg["model"]["dim"]) == ("hp", TINY, True, DIM)
     model = load_sota_model(files["hp"])
     with torch.no_grad():
-        assert not torch.allclose(model.code(IMAGES), model.code_ema(IMAGES))
+        assert not torch.allclose(model.code(IMAGES), ema_code(model, IMAGES))
         # HP evaluates the online code of the image alone.
         torch.testing.assert_close(model.eval_patch_code(IMAGES), model.code(IMAGES), rtol=0, atol=0)
     # The options found one folder up (PriMaPs' HP downloads), or given; refused when absent.

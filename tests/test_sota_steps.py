@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from official_helpers import eval_predictions
 from steps import make_tiny_setup, only_for, run_step, step_args
 
 from loader import build_dataset
@@ -100,7 +101,7 @@ def test_a_released_model_scores_as_its_own_evaluation_script(files, runs, famil
     for item in val_items(files, "nearest"):
         image, label = item["img"][None], item["label"][None]
         for crf, suffix in ((False, "no_crf"), (True, "crf")):
-            predicted = model.eval_predictions(image, crf=crf)
+            predicted = eval_predictions(model, image, crf=crf)
             expected[suffix].update(predicted["cluster"], label)
             expected[f"linear_{suffix}"].update(predicted["linear"], label)
     for variant, metric in expected.items():
