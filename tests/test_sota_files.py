@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from official_helpers import ema_code, head_sizes
+from stand_ins import (STAND_IN_EMA_CALLS, omegaconf_config, save_foreign, stand_in_hp, stand_in_primaps,
+                       stand_in_stego, write_stand_in_hp)
 
 from errors import UserError
 from models import convert_checkpoint, load_backbone
@@ -28,9 +30,7 @@ from models.registry import ARCHS
 from models.released import SotaFileError, load_sota_model, read_sota_file
 from models.released_primaps import load_primaps_backbone, load_primaps_model, read_primaps_checkpoint
 from models.safe_load import STAND_INS, FileLoadError, RefusedGlobalError, foreign_class, safe_load
-from models.stand_in import (STAND_IN_EMA_CALLS, omegaconf_config, release_keys, save_foreign, stand_in_hp,
-                             stand_in_primaps, stand_in_release, stand_in_state_dict, stand_in_stego,
-                             write_stand_in_hp)
+from models.stand_in import release_keys, stand_in_release, stand_in_state_dict
 from modules.heads import SegmentModule
 from modules.sota import channel_dropout
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 from conftest import load_golden
 from official_helpers import ema_code, eval_predictions
+from stand_ins import save_foreign, stand_in_hp, stand_in_stego
 
 from models.released import load_sota_model, read_sota_file
-from models.stand_in import save_foreign, stand_in_hp, stand_in_stego
 from modules.crf import dense_crf_batch
 
 ARCH = "dino_vit_small_8"

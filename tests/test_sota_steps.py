@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import ROOT
 from official_helpers import eval_predictions
+from stand_ins import save_foreign, stand_in_primaps, stand_in_stego, write_stand_in_hp
 from steps import make_tiny_setup, only_for, run_step, step_args
 
 from loader import build_dataset
 from models import load_backbone, stand_in_release
 from models.released import load_sota_model
 from models.released_primaps import load_primaps_backbone, load_primaps_model, read_primaps_checkpoint
-from models.stand_in import save_foreign, stand_in_primaps, stand_in_stego, write_stand_in_hp
 from modules.features import backbone_map, flip_averaged, upsample
 from modules.metrics import MatchedMetrics
 from modules.primaps import MASK_BACKBONE_HEADS
