@@ -12,7 +12,7 @@ class ConceptBank:
     not stored, which keeps `update` free of data-dependent shapes.
     """
 
-    def __init__(self, num_prototypes, dim, capacity=100, device=None, dtype=torch.float32, compact=False):
+    def __init__(self, num_prototypes, dim, capacity=100, device=None, compact=False):
         self.num_prototypes = num_prototypes
         # compact: candidates() hands out only the stored rows. That takes a host sync per step, so
         # fixed shapes are the GPU's choice; on a CPU a sync costs nothing and a bank far from full
@@ -20,7 +20,7 @@ class ConceptBank:
         self.compact = compact
         self.dim = dim
         self.capacity = capacity
-        self._storage = torch.zeros(num_prototypes * capacity + 1, dim, device=device, dtype=dtype)
+        self._storage = torch.zeros(num_prototypes * capacity + 1, dim, device=device, dtype=torch.float32)
         self.count = torch.zeros(num_prototypes, dtype=torch.int64, device=device)
         self.head = torch.zeros(num_prototypes, dtype=torch.int64, device=device)
 

@@ -13,10 +13,11 @@ head on the frozen DINO ViT, the cluster and linear probes, and each method's ev
 Interfaces for the steps:
 - `model.code(images)`: the online code `[B, d, h, w]` (STEGO's and HP's `net(x)[1]`), the features
   PriMaPs-EM runs on (`features_for_primaps` is the same call, named for that use);
-- `model.eval_log_probs(images, size)`: the method's own evaluation (`PROTOCOLS[family]`): STEGO averages
-  the code with the mirrored image's, HP does not; the code is upsampled bilinearly to `size` and
-  gives the linear probe's and the cluster probe's (α = 2) log-probabilities, which the evaluation gives
-  the dense CRF of `modules.crf` (the same parameters as STEGO's and HP's `crf.py`).
+- `model.eval_patch_code(images)` and `model.log_probs_of(code, size)`: the method's own evaluation
+  (`PROTOCOLS[family]`): STEGO averages the code with the mirrored image's, HP does not; the code is
+  upsampled bilinearly to `size` and gives the linear probe's and the cluster probe's (α = 2)
+  log-probabilities, which the evaluation gives the dense CRF of `modules.crf` (the same parameters as
+  STEGO's and HP's `crf.py`).
 The image transform of the protocol (shorter side resized to 320 by nearest neighbour, the image
 too, centre crop, ImageNet normalisation) is the data loader's; `EvalProtocol` records it.
 
@@ -162,10 +163,6 @@ class SotaModel(nn.Module):
         mirrored code, HP's the online code of the image alone."""
         plain, averaged = flip_averaged(self.code, images, self.protocol.flip)
         return averaged if self.protocol.flip else plain
-
-    def eval_log_probs(self, images, size=None):
-        """The linear and cluster probes' log-probabilities at `size` (default: the images')."""
-        return self.log_probs_of(self.eval_patch_code(images), size or images.shape[-2:])
 
     def log_probs_of(self, patch_code, size):
         """The probes' log-probabilities of an evaluated code on the patch grid, upsampled bilinearly to `size`."""

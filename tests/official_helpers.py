@@ -1,6 +1,6 @@
 """What the official STEGO and HP code computes that the project's steps never ask for, read from a loaded
-model or object: HP's EMA code, each method's own predictions (with or without its CRF), and the head sizes
-of a loaded STEGO or HP object. No test lives here."""
+model or object: HP's EMA code, each method's own log-probabilities and predictions (with or without its
+CRF) of whole images, and the head sizes of a loaded STEGO or HP object. No test lives here."""
 from modules.crf import dense_crf_batch
 from models.released import NAMES, SotaFileError, _read_sizes, _sota_state, describe, identify
 
@@ -14,11 +14,17 @@ def ema_code(model, images):
     return head._project(head.ema_model1, head.ema_model2, model.features(images), None)
 
 
+def eval_log_probs(model, images):
+    """A SotaModel's linear and cluster probes' log-probabilities at the images' size, by the method's own
+    evaluation."""
+    return model.log_probs_of(model.eval_patch_code(images), images.shape[-2:])
+
+
 def eval_predictions(model, images, crf=True):
     """{'cluster', 'linear'}: [B, H, W] int64 predictions of a SotaModel, after the dense CRF (fed the
     log-probabilities; the CRF upsamples them to the image size) or without it (their arg-max, which
     is the arg-max of the linear logits and of the cosines, as HP's is_crf=False branch)."""
-    log_probs = model.eval_log_probs(images)
+    log_probs = eval_log_probs(model, images)
     if not crf:
         return {"cluster": log_probs.cluster.argmax(dim=1), "linear": log_probs.linear.argmax(dim=1)}
     return {name: dense_crf_batch(images, getattr(log_probs, name)).argmax(dim=1) for name in ("cluster", "linear")}

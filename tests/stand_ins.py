@@ -19,9 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.registry import ARCHS, dino_model_type, primaps_backbone_arch
+from models.registry import ARCHS, DINO_MODEL_TYPES, PRIMAPS_BACKBONES
 from models.safe_load import STAND_INS
 from models.stand_in import stand_in_state_dict, stand_in_tensor
+
+
+def dino_model_type(arch):
+    """STEGO's and HP's `model_type` of a DINO arch (vit_small for dino_vit_small_8)."""
+    return next(name for name, dim in DINO_MODEL_TYPES.items() if dim == ARCHS[arch].dim)
+
+
+def primaps_backbone_arch(arch):
+    """PriMaPs' --backbone-arch of an arch (dino_vits for dino_vit_small_8)."""
+    stem = arch.rsplit("_", 1)[0]
+    return next(name for name, ours in PRIMAPS_BACKBONES.items() if ours == stem)
 
 
 def stand_in_image(side, seed=0):

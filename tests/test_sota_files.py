@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from official_helpers import ema_code, head_sizes
+from official_helpers import ema_code, eval_log_probs, head_sizes
 from stand_ins import (STAND_IN_EMA_CALLS, omegaconf_config, save_foreign, stand_in_hp, stand_in_primaps,
                        stand_in_stego, write_stand_in_hp)
 
@@ -226,7 +226,7 @@ def test_stego_model_computes_the_official_code_and_probes(files):
         torch.testing.assert_close(model.code(IMAGES), code, rtol=1e-5, atol=1e-6)
         flipped = model.code(IMAGES.flip(-1)).flip(-1)
         up = F.interpolate((code + flipped) / 2, IMAGES.shape[-2:], mode="bilinear", align_corners=False)
-        log_probs = model.eval_log_probs(IMAGES)
+        log_probs = eval_log_probs(model, IMAGES)
         centres = F.normalize(raw["cluster_probe.clusters"], dim=1)
         cosine = torch.einsum("bchw,nc->bnhw", F.normalize(up, dim=1), centres)
         torch.testing.assert_close(log_probs.cluster, torch.log_softmax(2 * cosine, dim=1), rtol=1e-5, atol=1e-5)

@@ -29,8 +29,7 @@ def bank_from_entries(entries, num_prototypes, capacity=100, dim=None):
     if first is None and dim is None:
         raise ValueError("an empty entries dict does not tell the projection dim: pass dim")
     bank = ConceptBank(num_prototypes, first.shape[-1] if dim is None else dim, capacity,
-                       device=None if first is None else first.device,
-                       dtype=torch.float32 if first is None else first.dtype)
+                       device=None if first is None else first.device)
     for k, stored in entries.items():
         stored = stored[-capacity:]
         n = stored.shape[0]
@@ -40,9 +39,9 @@ def bank_from_entries(entries, num_prototypes, capacity=100, dim=None):
     return bank
 
 
-def modularity_loss(codebook, feat, temp=0.1, row_chunk=None):
+def modularity_loss(codebook, feat, temp=0.1):
     """-mean over images of the modularity Q (the loss of docs/cause.md §3 and §5)."""
-    return -modularity_per_image(codebook, feat, temp, row_chunk).mean()
+    return -modularity_per_image(codebook, feat, temp).mean()
 
 
 def contrastive_loss(feat, proj, proj_ema, codebook, bank=None, temp=0.07, pos_thresh=0.3, neg_thresh=0.1,
