@@ -1,16 +1,19 @@
 """Every repository path that the documents and the code's comments name exists, and no comment or docstring
 cites a document kept outside the repository.
 
-A mention is a word of a document, or of a comment or docstring, that names a file or folder: it starts with
-a folder of the repository (`utils/runtime/io.py`, `tests/golden`) or ends in a file extension
-(`predict.py`, `metrics.json`). Not repository paths, and so not checked: addresses (`https://...`), absolute
-or home paths (`/data`, `~/.cache`), templates (`checkpoint/<arch>.pth`, `{crop_dir}/img/...`, `DATA/...`),
-what runs write or users fill (the folders .gitignore names: `CAUSE/`, `results/`, `demo/`, `checkpoint/`),
-and the files of other repositories in OUTSIDE_NAMES.
+A mention is a word of a document, or of a comment or docstring, that names a file or folder: a path that
+starts with a folder of the repository (`utils/runtime/io.py`, `tests/golden`, `loader/transforms.RESIZES`),
+a file of a kind the repository holds (`predict.py`, `docs/cause.md`), or a bare data file name
+(`metrics.json`, which must then be a file here or one the code spells). Not repository paths, and so not
+checked: addresses (`https://...`), absolute or home paths (`/data`, `~/.cache`), templates
+(`checkpoint/<arch>.pth`, `{crop_dir}/img/...`, `DATA/...`), what runs write or users fill (the folders
+.gitignore names: `CAUSE/`, `results/`, `demo/`, `checkpoint/`; a data file's path in no folder of the
+repository), and the files of other repositories in OUTSIDE_NAMES.
 """
 import ast
 import functools
 import io
+import os
 import re
 import tokenize
 from pathlib import Path
@@ -22,16 +25,28 @@ ROOT = Path(__file__).resolve().parents[1]
 # files (checkpoint/), and the tools' own (.venv/, caches).
 IGNORED = {line.strip().rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
            if line.strip().endswith("/")}
-# Every folder of the repository, at any depth, by name (`golden` as well as `tests`).
-FOLDERS = {p.name for p in ROOT.rglob("*") if p.is_dir() and not IGNORED.intersection(p.relative_to(ROOT).parts)
-           and ".git" not in p.relative_to(ROOT).parts}
+
+
+def repository():
+    """(folders, files) of the repository, skipping the ignored folders (a .venv is not walked)."""
+    folders, files = [], []
+    for folder, subfolders, names in os.walk(ROOT):
+        subfolders[:] = [name for name in subfolders if name not in IGNORED and name != ".git"]
+        folders += [Path(folder, name) for name in subfolders]
+        files += [Path(folder, name) for name in names]
+    return folders, files
+
+
+FOLDERS, FILES = repository()
+FOLDER_NAMES = {p.name for p in FOLDERS}  # every folder, at any depth (`golden` as well as `tests`)
+FILE_NAMES = {p.name for p in FILES}
 CODE = re.compile(r"\.(?:py|md|sh|toml|ini)$")  # the kinds of file the repository holds
 DATA = re.compile(r"\.(?:pt|pth|ckpt|npy|json|yml|yaml|txt)$")  # what runs write, data sets and releases hold
 
 # Files of other repositories that the documents name as theirs (the official code a port follows, the
 # release files it reads), and the README's examples of a user's files; none is meant to exist here.
 OUTSIDE_NAMES = {
-    # the official CAUSE code
+    # the official CAUSE, STEGO and HP code and release files
     "train.py": "the official CAUSE, STEGO and PriMaPs training scripts", "test.py": "the official test script",
     "eval.py": "HP's evaluation script", "eval_segmentation.py": "STEGO's evaluation script",
     "train_segmentation.py": "STEGO's training script", "train_clean.py": "the script STEGO's README names",
@@ -62,7 +77,7 @@ OUTSIDE_DOCUMENT = re.compile(r"\b(?:SPEC|PRIMAPS|SOTA)[.]md\b|\.\./shared\b|\b(
 
 
 def code_files():
-    python = [p for p in ROOT.rglob("*.py") if not IGNORED.intersection(p.relative_to(ROOT).parts)]
+    python = [p for p in FILES if p.suffix == ".py"]
     return sorted(python) + [ROOT / "run", ROOT / ".ci" / "run", ROOT / "tests" / "run_tests.sh"]
 
 
@@ -97,7 +112,7 @@ def is_template(word):
     """A pattern, not a name: placeholders (`<arch>`, `{dataset}`, `$HOME`, `...`, `DATA/`, `NAME.png`)
     or a wildcard outside the repository's folders (`dino_deit*_pretrain.pth`)."""
     placeholder = any(re.fullmatch(r"[A-Z][A-Z0-9_]+", part.split(".")[0]) for part in word.split("/"))
-    wildcard = "*" in word and word.split("/", 1)[0] not in FOLDERS
+    wildcard = "*" in word and word.split("/", 1)[0] not in FOLDER_NAMES
     return placeholder or wildcard or re.search(r"[<>{}$|…]|\.\.\.", word) is not None
 
 
@@ -111,7 +126,7 @@ def mentioned_path(word):
     first = word.removeprefix("./").split("/", 1)[0]
     if "/" in word and first in IGNORED:
         return None
-    if "/" in word and first in FOLDERS or CODE.search(word) or "/" not in word and DATA.search(word):
+    if "/" in word and first in FOLDER_NAMES or CODE.search(word) or "/" not in word and DATA.search(word):
         return word
     return None
 
@@ -128,7 +143,7 @@ def exists(word, folder):
         if dot and "/" in word and source.is_file() and all(
                 re.search(rf"\b{re.escape(name)}\b", source.read_text()) for name in names.split(".")):
             return True
-    return "/" not in word and any(p for p in ROOT.rglob(word) if not IGNORED.intersection(p.relative_to(ROOT).parts))
+    return "/" not in word and word in FILE_NAMES
 
 
 @functools.cache
@@ -204,3 +219,6 @@ def test_the_check_finds_what_it_is_meant_to():
     assert not missing_paths(here, ["https://x.org/a/b.py /data ~/.cache/cause checkpoint/<arch>.pth "
                                     "CAUSE/{dataset}/x.pth results/cocostuff27/metrics.json demo/data "
                                     "ViT-S/8 mean/std DATA/downloads dinov2/hub/backbones.py"])
+    cited = ["SPEC §3", "the notes (PRIMAPS.md)", "SOTA §4", "../shared/golden"]
+    assert all(OUTSIDE_DOCUMENT.search(text) for text in cited)
+    assert not OUTSIDE_DOCUMENT.search("docs/primaps.md §2, PRIMAPS_TR/, SPECS[arch]")
