@@ -157,7 +157,7 @@ def read_image(path):
         raise UnreadableImage(path, f"cannot convert colour mode {upright.mode} to RGB: {err}") from err
 
 
-def check_processable(size, min_side, max_aspect=MAX_ASPECT, path=None):
+def check_processable(size, min_side, path=None):
     """Refuse, as `UnprocessableImage`, an image of `size` = (width, height) that cannot be segmented.
 
     Policy: any size is *processable* (dense features are computed on a working copy whose shorter
@@ -165,7 +165,7 @@ def check_processable(size, min_side, max_aspect=MAX_ASPECT, path=None):
     two cases are refused:
     - a shorter side below `min_side` (the caller passes one patch, in pixels): such an image holds
       less than one token's worth of pixels across, and scaling it up invents every detail;
-    - a long/short side ratio above `max_aspect`: the working copy, and the time, grow with the ratio.
+    - a long/short side ratio above MAX_ASPECT: the working copy, and the time, grow with the ratio.
     Small images at or above one patch (a 20×20 icon) are scaled up and processed.
     """
     width, height = size
@@ -173,6 +173,6 @@ def check_processable(size, min_side, max_aspect=MAX_ASPECT, path=None):
     if short < min_side:
         raise UnprocessableImage(path, f"{width}×{height} pixels: the shorter side is below one patch "
                                        f"({min_side} pixels), too small to segment")
-    if long > max_aspect * short:
+    if long > MAX_ASPECT * short:
         raise UnprocessableImage(path, f"{width}×{height} pixels: aspect ratio {long / short:.0f}:1 is beyond "
-                                       f"the {max_aspect}:1 that can be processed")
+                                       f"the {MAX_ASPECT}:1 that can be processed")

@@ -1,7 +1,7 @@
 """Frozen self-supervised ViT backbones (docs/cause.md §1): the arch registry, the model, release-file loading."""
 from .checkpoints import convert_checkpoint, load_backbone
 from .registry import ARCHS, FAMILIES, ArchSpec, CheckpointError, resolve_arch
-from .stand_in import stand_in_image, stand_in_release, stand_in_state_dict
+from .stand_in import stand_in_release, stand_in_state_dict
 from .vit import build_backbone
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "convert_checkpoint",
     "load_backbone",
     "resolve_arch",
-    "stand_in_image",
     "stand_in_release",
     "stand_in_state_dict",
 ]

@@ -51,17 +51,6 @@ PRIMAPS_BACKBONES = {"dino_vitt": "dino_vit_tiny", "dino_vits": "dino_vit_small"
                      "dinov2_vits": "dinov2_vit_small", "dinov2_vitb": "dinov2_vit_base"}
 
 
-def dino_model_type(arch):
-    """STEGO's and HP's `model_type` of a DINO arch (vit_small for dino_vit_small_8)."""
-    return next(name for name, dim in DINO_MODEL_TYPES.items() if dim == ARCHS[arch].dim)
-
-
-def primaps_backbone_arch(arch):
-    """PriMaPs' --backbone-arch of an arch (dino_vits for dino_vit_small_8)."""
-    stem = arch.rsplit("_", 1)[0]
-    return next(name for name, ours in PRIMAPS_BACKBONES.items() if ours == stem)
-
-
 def resolve_arch(ckpt_path, arch=None):
     """The arch of a backbone checkpoint: `arch` when given, else the file's stem.
 

@@ -206,14 +206,6 @@ def _read_sizes(state, family, what):
                      nonlinear="head.cluster2.0.weight" in state, ema="head.ema_model1.0.weight" in state)
 
 
-def head_sizes(obj):
-    """The `HeadSizes` of a loaded STEGO or HP object, read from its tensors alone."""
-    family = identify(obj)
-    if family not in ("stego", "hp"):
-        raise SotaFileError(f"expected a STEGO or HP checkpoint, got {describe(obj)}")
-    return _read_sizes(_sota_state(obj, family)[0], family, NAMES[family])
-
-
 def dino_arch(width, patch, what):
     """This project's arch of a DINO ViT of `width` and `patch` (e.g. dino_vit_small_8)."""
     size = {dim: name for name, dim in DINO_MODEL_TYPES.items()}.get(width)

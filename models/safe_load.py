@@ -62,7 +62,7 @@ class ForeignObject:
 
     torch's unpickler makes it with `cls.__new__(cls)` and hands it its state (BUILD) through
     `__setstate__`; a pickle that calls the class instead (REDUCE) gets an object without state, which
-    `plain` refuses. `__getstate__` gives the state back, so models/stand_in.py writes the foreign
+    `plain` refuses. `__getstate__` gives the state back, so tests/stand_ins.py writes the foreign
     layout with it.
     """
 
@@ -112,7 +112,7 @@ FOREIGN_GLOBALS = {
 
 
 def foreign_class(name, kind="name"):
-    """A stand-in class registered (or written, by models/stand_in.py) under the foreign `name`."""
+    """A stand-in class registered (or written, by tests/stand_ins.py) under the foreign `name`."""
     module, _, qualname = name.rpartition(".")
     return type(qualname, (ForeignObject,), {"__module__": module, "__qualname__": qualname,
                                              "foreign_name": name, "kind": kind})

@@ -12,7 +12,7 @@ class ConceptBank:
     not stored, which keeps `update` free of data-dependent shapes.
     """
 
-    def __init__(self, num_prototypes, dim, capacity=100, device=None, dtype=torch.float32, compact=False):
+    def __init__(self, num_prototypes, dim, capacity=100, device=None, compact=False):
         self.num_prototypes = num_prototypes
         # compact: candidates() hands out only the stored rows. That takes a host sync per step, so
         # fixed shapes are the GPU's choice; on a CPU a sync costs nothing and a bank far from full
@@ -20,7 +20,7 @@ class ConceptBank:
         self.compact = compact
         self.dim = dim
         self.capacity = capacity
-        self._storage = torch.zeros(num_prototypes * capacity + 1, dim, device=device, dtype=dtype)
+        self._storage = torch.zeros(num_prototypes * capacity + 1, dim, device=device, dtype=torch.float32)
         self.count = torch.zeros(num_prototypes, dtype=torch.int64, device=device)
         self.head = torch.zeros(num_prototypes, dtype=torch.int64, device=device)
 
@@ -76,25 +76,6 @@ class ConceptBank:
             return prototype, self._storage[:-1], valid
         stored = valid.nonzero().squeeze(1)
         return prototype[stored], self._storage[stored], valid[stored]
-
-    @classmethod
-    def from_entries(cls, entries, num_prototypes, capacity=100, dim=None):
-        """A bank holding `entries` {prototype: [n, dim] values, oldest first} (the golden files'
-        form); only the newest `capacity` of a longer list are kept. `dim` is needed only
-        when `entries` is empty."""
-        first = next(iter(entries.values()), None)
-        if first is None and dim is None:
-            raise ValueError("an empty entries dict does not tell the projection dim: pass dim")
-        bank = cls(num_prototypes, first.shape[-1] if dim is None else dim, capacity,
-                   device=None if first is None else first.device,
-                   dtype=torch.float32 if first is None else first.dtype)
-        for k, stored in entries.items():
-            stored = stored[-capacity:]
-            n = stored.shape[0]
-            bank.values[k, :n] = stored
-            bank.count[k] = n
-            bank.head[k] = n % capacity
-        return bank
 
     def state_dict(self):
         return {"storage": self._storage, "count": self.count, "head": self.head}

@@ -53,11 +53,6 @@ def crf_inference_job(inputs, max_iter=10):
     return _crf_inference(*inputs, max_iter)
 
 
-def dense_crf(image, log_probs, max_iter=10):
-    """image [3,H,W] ImageNet-normalised, log_probs [K,h,w] -> CRF marginals [K,H,W] (float32, CPU)."""
-    return torch.from_numpy(_crf_inference(*crf_inputs(image, log_probs), max_iter))
-
-
 def dense_crf_batch(images, log_probs, max_iter=10, pool=None):
     """[B,3,H,W], [B,K,h,w] -> [B,K,H,W] on the images' device; the CRF itself runs on CPU,
     across `pool` (a CrfPool) when one is given."""

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+WINDOW = 4  # the grid sampling's cells are WINDOW×WINDOW tokens, the official 4×4
+
 
 def tokens_to_map(x, height=None, width=None):
     """[B, P, D] -> [B, D, h, w]; a square grid (h = w = sqrt(P)) unless the sides are given."""
@@ -30,25 +32,26 @@ def map_to_tokens(x):
     return x.flatten(2).transpose(1, 2)
 
 
-def grid_cells(num_tokens, window=4):
-    """Cells of the window×window grid sampling of a square grid of `num_tokens` tokens."""
-    return (math.isqrt(num_tokens) // window) ** 2
+def grid_cells(num_tokens):
+    """Cells of the grid sampling of a square grid of `num_tokens` tokens."""
+    return (math.isqrt(num_tokens) // WINDOW) ** 2
 
 
-def grid_order(random, num_tokens, window=4):
+def grid_order(random, num_tokens):
     """Positions for grid_sample_tokens from a step's BatchRandom: one per (image, cell), drawn for
     the global batch so that every process of the batch samples the same positions."""
-    return random.integers(window * window, (grid_cells(num_tokens, window),)).reshape(-1)
+    return random.integers(WINDOW * WINDOW, (grid_cells(num_tokens),)).reshape(-1)
 
 
-def grid_sample_tokens(x, order=None, window=4):
-    """Keep one token per window×window cell of the square token grid (docs/cause.md §3).
+def grid_sample_tokens(x, order=None):
+    """Keep one token per WINDOW×WINDOW cell of the square token grid (docs/cause.md §3).
 
     `order` holds, per (image, cell) in image-major and cell row-major order, the
-    row-major position 0..window²-1 inside the cell; it is drawn uniformly when None.
+    row-major position 0..WINDOW²-1 inside the cell; it is drawn uniformly when None.
     Passing the returned order back samples another tensor at the same positions.
     Returns ([B, cells, D], order).
     """
+    window = WINDOW
     b, p, d = x.shape
     side = math.isqrt(p)
     if side * side != p:

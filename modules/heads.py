@@ -1,7 +1,7 @@
 """Step-2 segment module (docs/cause.md §4): MLP or transformer head, projections, EMA teacher, linear probe.
 
 Every attribute name below is chosen so that the state dict equals the released
-`segment_{mlp,tr}.pth` files (`golden/heads.pt: layout`); renaming any of them breaks
+`segment_{mlp,tr}.pth` files (`tests/golden/heads.pt: layout`); renaming any of them breaks
 loading of the released checkpoints.
 
 Dropout is the caller's choice, not a train/eval mode: a head applies dropout exactly when it is

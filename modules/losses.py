@@ -8,18 +8,17 @@ import torch.nn.functional as F
 _CHUNK_BYTES = 64 * 2**20
 
 
-def _pairwise_argmax(assign, row_chunk):
+def _pairwise_argmax(assign):
     """argmax_k assign[b,i,k] * assign[b,j,k] -> [B, P, P] int64, a block of rows i at a time."""
     b, p, k = assign.shape
-    if row_chunk is None:
-        # max(1, ...): a process's share of a short last batch may hold no image (b = 0).
-        row_chunk = max(1, _CHUNK_BYTES // max(1, b * p * k * assign.element_size()))
+    # max(1, ...): a process's share of a short last batch may hold no image (b = 0).
+    row_chunk = max(1, _CHUNK_BYTES // max(1, b * p * k * assign.element_size()))
     blocks = [(assign[:, start:start + row_chunk, None, :] * assign[:, None, :, :]).argmax(-1)
               for start in range(0, p, row_chunk)]
     return torch.cat(blocks, dim=1)
 
 
-def modularity_per_image(codebook, feat, temp=0.1, row_chunk=None):
+def modularity_per_image(codebook, feat, temp=0.1):
     """[B] modularity Q of each image's soft assignment of tokens to prototypes (docs/cause.md §3).
 
     feat [B, P, D] (detached here: only the codebook learns), codebook [K, D].
@@ -40,7 +39,7 @@ def modularity_per_image(codebook, feat, temp=0.1, row_chunk=None):
 
         assign = (x @ F.normalize(codebook.float(), dim=-1).T).clamp_min(0)
         with torch.no_grad():
-            best = _pairwise_argmax(assign, row_chunk)
+            best = _pairwise_argmax(assign)
         at_i = assign.gather(2, best)
         at_j = assign.gather(2, best.transpose(1, 2)).transpose(1, 2)
         delta = torch.tanh(at_i * at_j / temp)

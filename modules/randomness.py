@@ -19,19 +19,12 @@ def mixed_seed(*words):
 
 
 class BatchRandom:
-    """Draws of one step. `share` is the process's BatchShare (offset, rows, global_rows).
+    """Draws of one step. `share` is the process's BatchShare (offset, rows, global_rows)."""
 
-    dropout=False turns every dropout off and random_cut=False makes the bank keep the first half
-    of each prototype's tokens in (image, token) order: the settings the official loops were
-    recorded with (tests/golden/README.md, trajectory.pt).
-    """
-
-    def __init__(self, seed, share, device, dropout=True, random_cut=True):
+    def __init__(self, seed, share, device):
         self.share = share
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.device = torch.device(device)
-        self.dropout_on = dropout
-        self.random_cut = random_cut
 
     def _rows(self, draw):
         """This process's rows of a draw made for the global batch."""
@@ -48,23 +41,21 @@ class BatchRandom:
         return self._rows(draw)
 
     def dropout(self, x, p):
-        """Inverted dropout of x [rows, ...] with probability p (the identity when dropout is off)."""
+        """Inverted dropout of x [rows, ...] with probability p."""
         return self._dropped(x, p, x.shape[1:])
 
     def channel_dropout(self, x, p):
         """Dropout2d of x [rows, C, h, w]: whole channels of each image zeroed with probability p, the rest
-        scaled by 1/(1-p) (the identity when dropout is off)."""
+        scaled by 1/(1-p)."""
         return self._dropped(x, p, (x.shape[1], 1, 1))
 
     def _dropped(self, x, p, shape):
         """x with a keep-mask of `shape` per row (broadcast over the rest) drawn as uniform() is."""
-        if not self.dropout_on or p == 0:
+        if p == 0:
             return x
         keep = self.uniform(shape) >= p
         return x * keep.to(x.dtype) / (1 - p)
 
     def permutation(self, n):
         """A permutation of n items that are the same on every process (drawn whole, not by rows)."""
-        if not self.random_cut:
-            return torch.arange(n, device=self.device)
         return torch.randperm(n, generator=self.generator, device=self.device)

@@ -5,18 +5,19 @@ head on the frozen DINO ViT, the cluster and linear probes, and each method's ev
 - `backbone`: the frozen DINO ViT (DINO's definition: ViT-S with 6 heads), whose features are the last
   block's tokens after the final LayerNorm, CLS dropped, as a `[B, D, h, w]` map;
 - `head`: `CodeHead`, STEGO's projection `code = cluster1(f) + cluster2(f)` (`net(x)[1]`), with HP's
-  EMA copy of both branches (`ema_model1`, `ema_model2`, `net(x)[2]`) for HP files;
+  EMA copy of both branches (`ema_model1`, `ema_model2`, `net(x)[2]`) for HP files (loaded with the
+  rest; no step computes it);
 - `cluster_probe`: `ClusterLookup`, the unsupervised prediction, log_softmax(α · cos(code, centres));
 - `linear_probe`: a 1×1 convolution trained with labels (a diagnostic).
 
 Interfaces for the steps:
 - `model.code(images)`: the online code `[B, d, h, w]` (STEGO's and HP's `net(x)[1]`), the features
   PriMaPs-EM runs on (`features_for_primaps` is the same call, named for that use);
-- `model.eval_log_probs(images, size)`: the method's own evaluation (`PROTOCOLS[family]`): STEGO averages
-  the code with the mirrored image's, HP does not; the code is upsampled bilinearly to `size` and
-  gives the linear probe's and the cluster probe's (α = 2) log-probabilities;
-- `model.eval_predictions(images, size, crf=True, pool=None)`: their arg-max after the dense CRF of
-  `modules.crf` (the same parameters as STEGO's and HP's `crf.py`), or without it.
+- `model.eval_patch_code(images)` and `model.log_probs_of(code, size)`: the method's own evaluation
+  (`PROTOCOLS[family]`): STEGO averages the code with the mirrored image's, HP does not; the code is
+  upsampled bilinearly to `size` and gives the linear probe's and the cluster probe's (α = 2)
+  log-probabilities, which the evaluation gives the dense CRF of `modules.crf` (the same parameters as
+  STEGO's and HP's `crf.py`).
 The image transform of the protocol (shorter side resized to 320 by nearest neighbour, the image
 too, centre crop, ImageNet normalisation) is the data loader's; `EvalProtocol` records it.
 
@@ -32,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.crf import dense_crf_batch
 from modules.features import flip_averaged, upsample
 from modules.grid import tokens_to_map
 
@@ -102,12 +102,6 @@ class CodeHead(nn.Module):
         """The online code (`net(x)[1]`)."""
         return self._project(self.cluster1, self.cluster2, feat, dropout)
 
-    def ema(self, feat, dropout=None):
-        """HP's EMA code (`net(x)[2]`, before HP's own dropout of it, which eval mode leaves out)."""
-        if self.ema_model1 is None:
-            raise ValueError("this code head has no EMA branches (only HP files hold them)")
-        return self._project(self.ema_model1, self.ema_model2, feat, dropout)
-
 
 class ClusterLookup(nn.Module):
     """STEGO's and HP's cluster probe: one centre per cluster in code space, `clusters` [n, d]."""
@@ -160,10 +154,6 @@ class SotaModel(nn.Module):
         """The online code [B, d, h, w] (`net(x)[1]`); `dropout`: see the module docstring."""
         return self.head(self.features(images), dropout)
 
-    def code_ema(self, images, dropout=None):
-        """HP's EMA code [B, d, h, w] (`net(x)[2]`); neither HP's evaluation nor PriMaPs uses it."""
-        return self.head.ema(self.features(images), dropout)
-
     def features_for_primaps(self, images, dropout=None):
         """Φ of +SotA+PriMaPs (docs/sota.md §3): STEGO's `net(x)[-1]` and HP's `net(x)[1]`, the online code."""
         return self.code(images, dropout)
@@ -174,22 +164,8 @@ class SotaModel(nn.Module):
         plain, averaged = flip_averaged(self.code, images, self.protocol.flip)
         return averaged if self.protocol.flip else plain
 
-    def eval_log_probs(self, images, size=None):
-        """The linear and cluster probes' log-probabilities at `size` (default: the images')."""
-        return self.log_probs_of(self.eval_patch_code(images), size or images.shape[-2:])
-
     def log_probs_of(self, patch_code, size):
         """The probes' log-probabilities of an evaluated code on the patch grid, upsampled bilinearly to `size`."""
         code = upsample(patch_code, size)
         return SotaLogProbs(torch.log_softmax(self.linear_probe(code), dim=1),
                             self.cluster_probe.log_probs(code, self.protocol.cluster_alpha))
-
-    def eval_predictions(self, images, size=None, crf=True, pool=None):
-        """{'cluster', 'linear'}: [B, H, W] int64 predictions, after the dense CRF (fed the
-        log-probabilities; the CRF upsamples them to the image size) or without it (their arg-max, which
-        is the arg-max of the linear logits and of the cosines, as HP's is_crf=False branch)."""
-        log_probs = self.eval_log_probs(images, size)
-        if not crf:
-            return {"cluster": log_probs.cluster.argmax(dim=1), "linear": log_probs.linear.argmax(dim=1)}
-        return {name: dense_crf_batch(images, getattr(log_probs, name), pool=pool).argmax(dim=1)
-                for name in ("cluster", "linear")}

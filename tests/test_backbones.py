@@ -4,10 +4,11 @@ import argparse
 import pytest
 import torch
 from conftest import load_golden
+from stand_ins import stand_in_image
 
 from errors import UserError
 from models import ARCHS, FAMILIES, CheckpointError, build_backbone, convert_checkpoint, load_backbone, resolve_arch
-from models.stand_in import stand_in_image, stand_in_release
+from models.stand_in import stand_in_release
 from models.vit import resample_pos_embed
 
 GOLDEN = load_golden("backbones.pt")

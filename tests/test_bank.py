@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import bank_entries
-from whole_batch import contrastive_loss
+from whole_batch import bank_from_entries, contrastive_loss
 
 from modules.bank import ConceptBank
 from modules.quantize import quantize_index
@@ -83,16 +83,16 @@ def test_keeps_newest_in_order_of_arrival():
 
 def test_from_entries_round_trip_and_empty():
     entries = {0: torch.randn(1, 4), 3: torch.randn(5, 4)}
-    bank = ConceptBank.from_entries(entries, 5, capacity=3)
+    bank = bank_from_entries(entries, 5, capacity=3)
     got = bank_entries(bank)
     assert got.keys() == {0, 3}
     assert torch.equal(got[0], entries[0]) and torch.equal(got[3], entries[3][-3:])
     # Appending after loading continues the ring in order of arrival.
     bank.update(torch.tensor([3, 3]), torch.ones(2, 4))
     assert torch.equal(bank_entries(bank)[3], torch.cat([entries[3][-2:], torch.ones(1, 4)]))
-    assert not ConceptBank.from_entries({}, 5, dim=4).count.any()
+    assert not bank_from_entries({}, 5, dim=4).count.any()
     with pytest.raises(ValueError):
-        ConceptBank.from_entries({}, 5)
+        bank_from_entries({}, 5)
 
 
 def loop_contrastive(feat, proj, proj_ema, codebook, entries, temp=0.07, pos_thresh=0.3, neg_thresh=0.1):
@@ -148,7 +148,7 @@ def test_contrastive_leaves_out_terms_without_positives():
     proj = torch.randn(2, 4, 5, requires_grad=True)
     proj_ema = torch.randn(2, 4, 5)
     entries = {0: torch.randn(3, 5)}
-    loss = contrastive_loss(feat, proj, proj_ema, codebook, ConceptBank.from_entries(entries, 4))
+    loss = contrastive_loss(feat, proj, proj_ema, codebook, bank_from_entries(entries, 4))
     expected = loop_contrastive(feat, proj, proj_ema, codebook, entries)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(loss, proj)

@@ -1,4 +1,4 @@
-"""The benchmark's baseline (utils/official_formulation.py) computes what the project computes,
+"""The benchmark's baseline (utils/tools/official_formulation.py) computes what the project computes,
 so that the benchmark compares the costs of equal work; and the benchmark runs end to end.
 No timing is asserted here."""
 import copy
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import bank_entries, load_golden
-from whole_batch import contrastive_loss, modularity_loss
+from whole_batch import bank_from_entries, contrastive_loss, modularity_loss
 
 from modules.bank import ConceptBank
 from modules.heads import SegmentModule
@@ -108,7 +108,7 @@ def test_contrastive_matches_official(with_bank, seed):
     feat, proj, proj_ema, codebook, entries = contrastive_inputs(seed)
     capacity, k = 6, codebook.shape[0]
     official_bank = OfficialBank.from_entries(entries, k, capacity) if with_bank else None
-    bank = ConceptBank.from_entries(entries, k, capacity) if with_bank else None
+    bank = bank_from_entries(entries, k, capacity) if with_bank else None
     expected, expected_grad = value_and_grad(
         lambda p: official_contrastive_loss(feat, p, proj_ema, codebook, official_bank), proj)
     assert torch.isfinite(expected), "inputs must give every image a positive pair, or the official loss is NaN"

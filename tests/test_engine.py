@@ -1,4 +1,4 @@
-"""The shared training step (utils/engine/loop.optimizer_step) under fp16 loss scaling.
+"""The shared training step (utils/engine/optim.optimizer_step) under fp16 loss scaling.
 
 On a GPU the official recipe trains under fp16 autocast with a GradScaler. CI has no GPU, so
 these tests run the same code with a CPU GradScaler: the scaling, unscaling before clipping

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import load_golden
 from PIL import Image
+from whole_batch import dense_crf
 
-from modules.crf import crf_image, dense_crf, dense_crf_batch
+from modules.crf import crf_image, dense_crf_batch
 from modules.metrics import MatchedMetrics
 from utils.runtime.pictures import colorize, palette, prediction_pictures, save_pictures
 

@@ -97,8 +97,8 @@ def test_student_parameters_exclude_ema():
     assert not student & ema
 
 
-def batch_random(rows, seed=0, dropout=True):
-    return BatchRandom(seed, BatchShare(0, rows, rows), "cpu", dropout=dropout)
+def batch_random(rows, seed=0):
+    return BatchRandom(seed, BatchShare(0, rows, rows), "cpu")
 
 
 @pytest.mark.parametrize("head_type", ["mlp", "tr"])
@@ -113,8 +113,7 @@ def test_dropout_only_when_a_dropout_function_is_given(head_type):
         assert torch.equal(dropped, segment.head(feat, batch_random(2).dropout)), "the same draws, the same masks"
         # A dropout function that keeps everything runs the explicit attention path (TR): it must
         # compute what nn.MultiheadAttention computes.
-        torch.testing.assert_close(segment.head(feat, batch_random(2, dropout=False).dropout), plain,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(segment.head(feat, lambda x, p: x), plain, rtol=1e-5, atol=1e-6)
 
 
 def test_tr_dropout_reaches_the_attention_weights():
@@ -140,7 +139,9 @@ def test_a_processes_rows_of_a_global_draw_are_the_whole_draws_rows():
     whole = BatchRandom(7, BatchShare(0, 4, 4), "cpu").uniform((3, 5))
     halves = [BatchRandom(7, BatchShare(offset, 2, 4), "cpu").uniform((3, 5)) for offset in (0, 2)]
     assert torch.equal(torch.cat(halves), whole)
-    assert torch.equal(BatchRandom(7, BatchShare(0, 4, 4), "cpu", random_cut=False).permutation(5), torch.arange(5))
+    # A permutation is drawn whole: every process of the batch gets the same one.
+    first, second = (BatchRandom(7, BatchShare(offset, 2, 4), "cpu").permutation(9) for offset in (0, 2))
+    assert torch.equal(first, second) and not torch.equal(first, torch.arange(9))
 
 
 def test_tr_head_rejects_wrong_token_count():

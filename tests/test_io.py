@@ -1,4 +1,4 @@
-"""Artifacts are written whole or not at all (utils/io.py), and what a killed writer left is cleared."""
+"""Artifacts are written whole or not at all (utils/runtime/io.py), and what a killed writer left is cleared."""
 import os
 import socket
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_golden
-from whole_batch import contrastive_loss, modularity_loss
+from whole_batch import bank_from_entries, contrastive_loss, modularity_loss
 
 from loader.samplers import BatchShare
 from modules.bank import ConceptBank
+from modules import grid, losses
 from modules.grid import grid_order, grid_sample_tokens, map_to_tokens, tokens_to_map
 from modules.quantize import cosine_similarity_to, quantize, quantize_index
 from modules.randomness import BatchRandom
@@ -18,17 +19,25 @@ def golden():
     return load_golden("losses.pt")
 
 
-def modularity_with_grad(codebook, feat, temp, **kwargs):
+def modularity_with_grad(codebook, feat, temp):
     codebook = codebook.clone().requires_grad_(True)
-    loss = modularity_loss(codebook, feat, temp, **kwargs)
+    loss = modularity_loss(codebook, feat, temp)
     loss.backward()
     return loss.detach(), codebook.grad
 
 
+def arg_max_in_blocks_of(rows, monkeypatch, feat, codebook):
+    """Make the modularity's arg-max take `rows` rows of float32 products at a time (None: as it does)."""
+    if rows is not None:
+        b, p, _ = feat.shape
+        monkeypatch.setattr(losses, "_CHUNK_BYTES", rows * b * p * codebook.shape[0] * 4)
+
+
 @pytest.mark.parametrize("row_chunk", [None, 3])
-def test_modularity_matches_official(golden, row_chunk):
+def test_modularity_matches_official(golden, row_chunk, monkeypatch):
     for case in golden["modularity"]:
-        loss, grad = modularity_with_grad(case["codebook"], case["feat"], case["temp"], row_chunk=row_chunk)
+        arg_max_in_blocks_of(row_chunk, monkeypatch, case["feat"], case["codebook"])
+        loss, grad = modularity_with_grad(case["codebook"], case["feat"], case["temp"])
         torch.testing.assert_close(loss, case["loss"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, case["grad_codebook"], rtol=1e-5, atol=1e-6)
 
@@ -46,13 +55,14 @@ def dense_modularity(codebook, feat, temp):
 
 
 @pytest.mark.parametrize("row_chunk", [None, 1, 5])
-def test_modularity_matches_dense_reference(row_chunk):
+def test_modularity_matches_dense_reference(row_chunk, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     feat = torch.randn(3, 16, 8, generator=gen)
     codebook = torch.randn(7, 8, generator=gen).requires_grad_(True)
     expected = dense_modularity(codebook, feat, 0.1)
     (expected_grad,) = torch.autograd.grad(expected, codebook)
-    loss, grad = modularity_with_grad(codebook.detach(), feat, 0.1, row_chunk=row_chunk)
+    arg_max_in_blocks_of(row_chunk, monkeypatch, feat, codebook)
+    loss, grad = modularity_with_grad(codebook.detach(), feat, 0.1)
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
@@ -115,14 +125,16 @@ def test_grid_sampling_reuses_positions_and_draws_uniformly():
     assert counts.numel() == 16 and counts.min() > many.numel() / 16 * 0.7
 
 
-def test_grid_sampling_other_windows_and_errors():
+def test_grid_sampling_other_windows_and_errors(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 36, 4, generator=gen)
-    out, order = grid_sample_tokens(x, grid_order(batch_random(2), 36, window=2), window=2)
+    monkeypatch.setattr(grid, "WINDOW", 2)
+    out, order = grid_sample_tokens(x, grid_order(batch_random(2), 36))
     assert out.shape == (2, 9, 4) and order.max() <= 3
     torch.testing.assert_close(out, loop_grid_sampling(x, order, 2), rtol=0, atol=0)
+    monkeypatch.setattr(grid, "WINDOW", 8)
     with pytest.raises(ValueError, match="smaller than the window"):
-        grid_sample_tokens(x, window=8)
+        grid_sample_tokens(x)
     with pytest.raises(ValueError, match="square"):
         grid_sample_tokens(torch.randn(1, 20, 4))
 
@@ -157,7 +169,7 @@ def test_contrastive_matches_official(golden):
     for case in golden["contrastive"]:
         k, dim = case["codebook"].shape[0], case["proj_feat_ema"].shape[-1]
         if case["bank"]:
-            banks = [ConceptBank.from_entries(case["bank"], k)]
+            banks = [bank_from_entries(case["bank"], k)]
         else:
             banks = [None, ConceptBank(k, dim)]
         index = quantize_index(case["feat"], case["codebook"])
@@ -170,7 +182,7 @@ def test_contrastive_matches_official(golden):
 
 def test_contrastive_is_float32_under_autocast(golden):
     case = golden["contrastive"][2]
-    bank = ConceptBank.from_entries(case["bank"], case["codebook"].shape[0])
+    bank = bank_from_entries(case["bank"], case["codebook"].shape[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = contrastive_loss(case["feat"], case["proj_feat"], case["proj_feat_ema"], case["codebook"], bank)
     assert mixed.dtype == torch.float32

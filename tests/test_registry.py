@@ -9,13 +9,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from stand_ins import save_foreign, stand_in_stego, write_stand_in_hp
 from steps import make_tiny_setup, run_step, step_args
 
 from utils.engine import status
 from utils.engine.runner import run_files
 from utils.runtime.config import make_config, result_settings
 from utils.runtime.locks import BusyError, exclusive
-from models.stand_in import save_foreign, stand_in_stego, write_stand_in_hp
 from utils.runtime.options import OPTIONS, PRIMAPS_MODES
 from utils.runtime.recipe import recipe_for
 from utils.runtime.records import FingerprintCache, StaleInputError, write_record

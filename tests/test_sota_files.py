@@ -20,16 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from official_helpers import ema_code, eval_log_probs, head_sizes
+from stand_ins import (STAND_IN_EMA_CALLS, omegaconf_config, save_foreign, stand_in_hp, stand_in_primaps,
+                       stand_in_stego, write_stand_in_hp)
 
 from errors import UserError
 from models import convert_checkpoint, load_backbone
 from models.registry import ARCHS
-from models.released import SotaFileError, head_sizes, load_sota_model, read_sota_file
+from models.released import SotaFileError, load_sota_model, read_sota_file
 from models.released_primaps import load_primaps_backbone, load_primaps_model, read_primaps_checkpoint
 from models.safe_load import STAND_INS, FileLoadError, RefusedGlobalError, foreign_class, safe_load
-from models.stand_in import (STAND_IN_EMA_CALLS, omegaconf_config, release_keys, save_foreign, stand_in_hp,
-                             stand_in_primaps, stand_in_release, stand_in_state_dict, stand_in_stego,
-                             write_stand_in_hp)
+from models.stand_in import release_keys, stand_in_release, stand_in_state_dict
 from modules.heads import SegmentModule
 from modules.sota import channel_dropout
 
@@ -225,7 +226,7 @@ def test_stego_model_computes_the_official_code_and_probes(files):
         torch.testing.assert_close(model.code(IMAGES), code, rtol=1e-5, atol=1e-6)
         flipped = model.code(IMAGES.flip(-1)).flip(-1)
         up = F.interpolate((code + flipped) / 2, IMAGES.shape[-2:], mode="bilinear", align_corners=False)
-        log_probs = model.eval_log_probs(IMAGES)
+        log_probs = eval_log_probs(model, IMAGES)
         centres = F.normalize(raw["cluster_probe.clusters"], dim=1)
         cosine = torch.einsum("bchw,nc->bnhw", F.normalize(up, dim=1), centres)
         torch.testing.assert_close(log_probs.cluster, torch.log_softmax(2 * cosine, dim=1), rtol=1e-5, atol=1e-5)
@@ -255,7 +256,7 @@ def test_hp_file_and_its_options(files, tmp_path):
     assert (sota.family, sota.arch, sota.sizes.ema, sota.cfg["model"]["dim"]) == ("hp", TINY, True, DIM)
     model = load_sota_model(files["hp"])
     with torch.no_grad():
-        assert not torch.allclose(model.code(IMAGES), model.code_ema(IMAGES))
+        assert not torch.allclose(model.code(IMAGES), ema_code(model, IMAGES))
         # HP evaluates the online code of the image alone.
         torch.testing.assert_close(model.eval_patch_code(IMAGES), model.code(IMAGES), rtol=0, atol=0)
     # The options found one folder up (PriMaPs' HP downloads), or given; refused when absent.

@@ -18,9 +18,10 @@ import json
 import pytest
 import torch
 from conftest import load_golden
+from official_helpers import ema_code, eval_log_probs, eval_predictions
+from stand_ins import save_foreign, stand_in_hp, stand_in_stego
 
 from models.released import load_sota_model, read_sota_file
-from models.stand_in import save_foreign, stand_in_hp, stand_in_stego
 from modules.crf import dense_crf_batch
 
 ARCH = "dino_vit_small_8"
@@ -89,9 +90,9 @@ def outputs(golden, stego, hp):
         image = golden[family]["image"]
         with torch.no_grad():
             out = {"feat": model.features(image), "code": model.code(image), "patch_code": model.eval_patch_code(image),
-                   "log_probs": model.eval_log_probs(image), "crf_pred": model.eval_predictions(image, crf=True)}
+                   "log_probs": eval_log_probs(model, image), "crf_pred": eval_predictions(model, image, crf=True)}
             if family == "hp":
-                out.update(code_ema=model.code_ema(image), pred=model.eval_predictions(image, crf=False))
+                out.update(code_ema=ema_code(model, image), pred=eval_predictions(model, image, crf=False))
         out["crf_q"] = {probe: dense_crf_batch(image, getattr(out["log_probs"], probe))
                         for probe in ("cluster", "linear")}
         results[family] = out

@@ -11,13 +11,14 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from official_helpers import eval_predictions
+from stand_ins import save_foreign, stand_in_primaps, stand_in_stego, write_stand_in_hp
 from steps import make_tiny_setup, only_for, run_step, step_args
 
 from loader import build_dataset
 from models import load_backbone, stand_in_release
 from models.released import load_sota_model
 from models.released_primaps import load_primaps_backbone, load_primaps_model, read_primaps_checkpoint
-from models.stand_in import save_foreign, stand_in_primaps, stand_in_stego, write_stand_in_hp
 from modules.features import backbone_map, flip_averaged, upsample
 from modules.metrics import MatchedMetrics
 from modules.primaps import MASK_BACKBONE_HEADS
@@ -100,7 +101,7 @@ def test_a_released_model_scores_as_its_own_evaluation_script(files, runs, famil
     for item in val_items(files, "nearest"):
         image, label = item["img"][None], item["label"][None]
         for crf, suffix in ((False, "no_crf"), (True, "crf")):
-            predicted = model.eval_predictions(image, crf=crf)
+            predicted = eval_predictions(model, image, crf=crf)
             expected[suffix].update(predicted["cluster"], label)
             expected[f"linear_{suffix}"].update(predicted["linear"], label)
     for variant, metric in expected.items():

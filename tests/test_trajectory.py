@@ -3,10 +3,10 @@
 Each test builds the step's real Training object (utils/engine/front_door.py, mediator.py,
 fine_tune.py) as its `train` does, from the golden file's rule-made weights, and drives it as the
 engine's loop (`fit`) does: `losses(batch, random)`, `update(losses, random)`, `end_epoch()` after
-every step (each official step is one epoch). The deterministic settings of the recording are
-options of the project's code, not patches: `BatchRandom(dropout=False, random_cut=False)` (no
-dropout; the bank keeps the first half of each prototype's tokens), `grid=False`, and the fixed
-batch (the golden images 0..3 every step).
+every step (each official step is one epoch). The deterministic settings of the recording:
+`RecordedRandom` (tests/trajectory.py: the project's BatchRandom with no dropout and a bank that keeps
+the first half of each prototype's tokens), `grid=False`, and the fixed batch (the golden images 0..3
+every step).
 
 Tolerances (tests/trajectory.py, where their rationale is): float32 rounding accumulated over the
 steps, 1e-5 relative for step 1's losses, gradient norms and activations (STEP1_RTOL), 1e-4 relative
@@ -29,10 +29,11 @@ from modules.bank import ConceptBank
 from modules.heads import build_segment
 from modules.probe import ClusterModule
 from modules.quantize import quantize_index
-from modules.randomness import BatchRandom, mixed_seed
-from trajectory import (CASES, CLUSTER_PREFIX, assert_no_difference, bank_summary, compare_case, compare_states,
-                        compare_step, compare_step1, golden_batch, golden_tokens, load_rule_weights, load_trajectory,
-                        project_grads, project_state, record_forward_calls, rule_weights, stand_in_backbone)
+from modules.randomness import mixed_seed
+from trajectory import (CASES, CLUSTER_PREFIX, RecordedRandom, assert_no_difference, bank_summary, compare_case,
+                        compare_states, compare_step, compare_step1, golden_batch, golden_tokens, load_rule_weights,
+                        load_trajectory, project_grads, project_state, record_forward_calls, rule_weights,
+                        stand_in_backbone)
 from utils.engine.fine_tune import FineTuneTraining, set_trainable
 from utils.engine.front_door import FrontDoorTraining
 from utils.engine.mediator import MediatorTraining
@@ -87,7 +88,7 @@ def inputs(golden, tmp_path_factory):
 def batch_random(step):
     """The step's draws as fit makes them (one process holding the whole batch of 4), with the
     recording's settings: dropout off, the bank's cut keeping the first half in (image, token) order."""
-    return BatchRandom(mixed_seed(SEED, step, 0, -1), BatchShare(0, 4, 4), CPU, dropout=False, random_cut=False)
+    return RecordedRandom(mixed_seed(SEED, step, 0, -1), BatchShare(0, 4, 4), CPU)
 
 
 def num_queries(case):

@@ -7,10 +7,10 @@ preceded). Each test builds the project's real Training object (utils/engine/pri
 for the initialisation, PriMaPsTraining for EM) as `initialise` / `train` build it, from the golden
 initial weights, and drives it as `fit` does: per batch `losses(batch, random)` then
 `update(losses, random)` with a BatchRandom of a one-process BatchShare, `end_epoch()` after the
-epoch (all the recorded steps are one epoch). What differs from a run is injected, not patched:
-the featurizer is the recorded `features` (StoredFeatures; the project's own ViT is compared with them
-separately), and the views are the recording's (GivenViews: its rule-made student views, no flip), the
-`views` seam PriMaPsTraining takes in place of its default AugmentedViews.
+epoch (all the recorded steps are one epoch). What differs from a run is injected: the featurizer is
+the recorded `features` (StoredFeatures; the project's own ViT is compared with them separately), and
+the views are the recording's (GivenViews: its rule-made student views, no flip), set as the
+PriMaPsTraining's `views` in place of its AugmentedViews.
 
 What the steps compute inside (the E-step's θ_M logits and labels, the focal loss's inputs, the
 probe's and the k-means' inputs) is read by wrapping the functions the engine calls (`Spy`).
@@ -191,7 +191,7 @@ class StoredFeatures:
 
 
 class GivenViews:
-    """The recording's views (a PriMaPsTraining `views`): the image, label and mask as they are (no flip)
+    """The recording's views (set as a PriMaPsTraining's `views`): the image, label and mask as they are (no flip)
     and the rule-made student view the batch carries."""
 
     def __call__(self, batch, random):
@@ -225,7 +225,7 @@ def load_linear_probe(linear, weights):
 
 
 class InitStage:
-    """KMeansTraining as utils/engine/primaps.initialise builds it, from the golden initial weights (the
+    """KMeansTraining as utils/engine/primaps_init.work builds it, from the golden initial weights (the
     k-means probe's v in place of the PCA's directions)."""
 
     tensors, grad_params, saved = INIT_TENSORS, INIT_GRAD_PARAMS, INIT_SAVED
@@ -274,7 +274,8 @@ class EMStage:
         self.model.start_from(weights["weight_v"].reshape(K, DIM))
         load_linear_probe(self.model.linear, weights)
         self.training = engine.PriMaPsTraining(self.features, self.model, LR, Precision("fp32", CPU),
-                                               BatchGroup(False), K, views=GivenViews())
+                                               BatchGroup(False), K)
+        self.training.views = GivenViews()
         self.initial = {**held(self, EM_TENSORS), "initial prototypes": self.model.initial.clone()}
         self.e_step = Spy(self.training.e_step)
         self.training.e_step = self.e_step
@@ -450,7 +451,7 @@ def compare_final(case, stage):
     if isinstance(stage, EMStage):
         out += compare_number("final", "cluster_probe.initted", case["final_state"]["cluster_probe.initted"].item(),
                               float(int(saved["momentum.calls"]) >= 2), 0, 0)
-    else:  # the init artifact holds the prototypes only (utils/engine/primaps.initialise): the probe as trained
+    else:  # the init artifact holds the prototypes only (utils/engine/primaps_init.work): the probe as trained
         for name in ("linear_probe.weight", "linear_probe.bias"):
             out += compare_tensor("final", name, case["final_state"][name], stage.tensors[name](stage), 0.0,
                                   TENSOR_ATOL)

@@ -15,6 +15,7 @@ summaries and the comparison of a recorded step with what the project computed.
   `compare_tensor` (element by element), `compare_exact` (integer maps) and `compare_summary` also
   serve tests/test_trajectory_primaps.py (tests/golden/trajectory_primaps.pt), as does
   `stand_in_backbone` for its featurizer.
+- `RecordedRandom`: a step's draws with the settings the official loops were recorded with.
 
 No test lives here; the tests that drive the training steps import it.
 """
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 from conftest import GOLDEN
+
+from modules.randomness import BatchRandom
 
 GOLDEN_NAME = "trajectory.pt"
 CASES = ("front_door_tr", "front_door_mlp", "mediator", "fine_tune_tr", "fine_tune_mlp")
@@ -73,6 +76,21 @@ STEP1_TENSORS = ("tokens", "proj_feat", "proj_feat_ema", "modularity_input")
 # Scalars of a step record other than losses.
 STEP_SCALARS = ("grad_norm_before_clip", "clip_max_norm", "bank_rows_used")
 LOSSES = ("total", "front", "linear", "modularity")
+
+
+class RecordedRandom(BatchRandom):
+    """A step's draws with the settings the official loops were recorded with (tests/golden/README.md,
+    trajectory.pt): every dropout keeps everything, and the bank keeps the first half of each prototype's
+    tokens in (image, token) order. Neither draws from the generator."""
+
+    def dropout(self, x, p):
+        return x
+
+    def channel_dropout(self, x, p):
+        return x
+
+    def permutation(self, n):
+        return torch.arange(n, device=self.device)
 
 
 def load_trajectory():

@@ -64,15 +64,14 @@ class PriMaPsTraining(Training):
     θ_M's majority class on the (flipped) image, the M-step fits θ_R on the student view with the focal
     loss; the labelled linear probe on the image's features is a diagnostic. θ_M follows θ_R when
     `momentum_update_due` (steps_done counts the training batches run, across epochs). `views` makes a
-    step's views from its batch and draws (modules/views.py; default AugmentedViews: the random flip
-    and student view)."""
+    step's views from its batch and draws (modules/views.py's AugmentedViews: the random flip and student
+    view)."""
 
-    def __init__(self, features, model, lr, precision, group, n_classes, validation=None, keep_best=False,
-                 views=None):
+    def __init__(self, features, model, lr, precision, group, n_classes, validation=None, keep_best=False):
         super().__init__()
         self.features, self.model = features, model
         self.precision, self.group, self.n_classes = precision, group, n_classes
-        self.views = AugmentedViews() if views is None else views
+        self.views = AugmentedViews()
         self.trained = [*model.online.parameters(), *model.linear.parameters()]
         # One Adam where the official code has three (linear probe, cluster probe, θ_R; the cluster one
         # holds nothing that learns here): Adam is per parameter, so the numbers are the same.

@@ -3,7 +3,7 @@
 The layout of the CAUSE artifacts is the official one (docs/cause.md §3-§5), so released CAUSE files
 dropped into `CAUSE/` load unchanged:
 
-    DATA/{crop folder of the data set}/                              crop (crops.json: its record)
+    DATA/{crop folder of the data set}/                              crop (its record: record.json inside)
     CAUSE/{dataset}/modularity/{baseline}/{K}/modular.npy            mediator
     CAUSE/{dataset}/{baseline}/{K}/segment_{head}.pth                front door
     CAUSE/{dataset}/{baseline}/{K}/segment_{head}_fine_tuned.pth     fine-tune (the segment it ended with)

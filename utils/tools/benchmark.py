@@ -7,7 +7,7 @@ projection 2048, concept bank full: 100 entries for each prototype); --small (th
 on CPU) reduced ones that run in about a minute on two CPU cores. Single shape values can
 be overridden (--arch, --resolution, ...).
 
-Measured, for this project and for the official formulation (utils/official_formulation.py):
+Measured, for this project and for the official formulation (utils/tools/official_formulation.py):
 - mediator step: modularity loss forward and backward and the Adam step on the clusterbook;
 - front-door step, TR and MLP heads: heads and projections, contrastive loss against the
   full bank, backward, Adam step, EMA update, bank update;
@@ -211,10 +211,15 @@ def mediator_steps(tokens, num_codebook, precision):
     return project_step, official_step
 
 
-def full_bank_entries(shapes, device):
-    """{prototype: [capacity, projection_dim]} for every prototype: a full concept bank."""
+def full_banks(shapes, device):
+    """(the project's ConceptBank, the official bank) holding the same random projections: every
+    prototype's ring full, `bank_capacity` of them, the oldest in the first slot."""
     values = torch.randn(shapes.num_codebook, shapes.bank_capacity, shapes.projection_dim, device=device)
-    return {k: values[k] for k in range(shapes.num_codebook)}
+    bank = ConceptBank(shapes.num_codebook, shapes.projection_dim, shapes.bank_capacity, device=device)
+    bank.values.copy_(values)
+    bank.count.fill_(shapes.bank_capacity)
+    entries = {k: values[k] for k in range(shapes.num_codebook)}
+    return bank, OfficialBank.from_entries(entries, shapes.num_codebook, shapes.bank_capacity)
 
 
 def front_door_steps(head_type, tokens, codebook, shapes, precision):
@@ -225,10 +230,7 @@ def front_door_steps(head_type, tokens, codebook, shapes, precision):
                             num_queries=tokens.shape[1] if head_type == "tr" else None).to(device)
     segment.set_codebook(codebook)
     official_segment = copy.deepcopy(segment)
-    entries = full_bank_entries(shapes, device)
-    bank = ConceptBank.from_entries(entries, shapes.num_codebook, shapes.bank_capacity)
-    official_bank = OfficialBank.from_entries(entries, shapes.num_codebook, shapes.bank_capacity)
-    del entries
+    bank, official_bank = full_banks(shapes, device)
     # Both sides train the labelled probe too, on labels of the images' size.
     labels = torch.zeros(tokens.shape[0], shapes.resolution, shapes.resolution, dtype=torch.int64, device=device)
 
@@ -268,10 +270,7 @@ def front_door_steps(head_type, tokens, codebook, shapes, precision):
 def bank_update_steps(index, shapes):
     """(project step, official step): one update of a full bank with the teacher projections of a batch."""
     device = index.device
-    entries = full_bank_entries(shapes, device)
-    bank = ConceptBank.from_entries(entries, shapes.num_codebook, shapes.bank_capacity)
-    official_bank = OfficialBank.from_entries(entries, shapes.num_codebook, shapes.bank_capacity)
-    del entries
+    bank, official_bank = full_banks(shapes, device)
     values = torch.randn(index.numel(), shapes.projection_dim, device=device)
     return (lambda: bank.update(index, values)), (lambda: official_bank.update(index, values))
 

@@ -49,8 +49,8 @@ class OfficialBank:
 
     @classmethod
     def from_entries(cls, entries, num_prototypes, capacity=100, dim=None):
-        """A bank holding copies of `entries` {prototype: [n, dim]}, the newest `capacity` of each
-        (ConceptBank.from_entries' arguments); `dim` is needed only when `entries` is empty."""
+        """A bank holding copies of `entries` {prototype: [n, dim]}, the newest `capacity` of each; `dim` is
+        needed only when `entries` is empty."""
         first = next(iter(entries.values()), None)
         if first is None and dim is None:
             raise ValueError("an empty entries dict does not tell the projection dim: pass dim")
