@@ -111,7 +111,7 @@ def words(text):
 def is_template(word):
     """A pattern, not a name: placeholders (`<arch>`, `{dataset}`, `$HOME`, `...`, `DATA/`, `NAME.png`)
     or a wildcard outside the repository's folders (`dino_deit*_pretrain.pth`)."""
-    placeholder = any(re.fullmatch(r"[A-Z][A-Z0-9_]+", part.split(".")[0]) for part in word.split("/"))
+    placeholder = any(re.fullmatch(r"[A-Z][A-Z0-9_]+", part.lstrip(".").split(".")[0]) for part in word.split("/"))
     wildcard = "*" in word and word.split("/", 1)[0] not in FOLDER_NAMES
     return placeholder or wildcard or re.search(r"[<>{}$|…]|\.\.\.", word) is not None
 
