@@ -133,7 +133,7 @@ class ViTBackbone(FrozenBackbone):
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
         x = x + resample_pos_embed(self.pos_embed, grid, self.pretrain_grid, self.family).to(x.dtype)
         if self.register_tokens is not None:
-            x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1).to(x.dtype), x[:, 1:]], dim=1)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], dim=1)
         x = self.norm(self.blocks(x))
         return x[:, 1 + self.extra_tokens:]
 
@@ -288,7 +288,9 @@ class RopeViTBackbone(FrozenBackbone):
     def forward(self, images):
         grid = self._grid(images)
         x = self.patch_embed(images)
-        prefix = torch.cat([self.cls_token, self.storage_tokens], dim=1).to(x.dtype)
+        # Concatenated as they are: under autocast the float32 tokens promote the sequence to float32,
+        # so the residual stream stays float32 as in the official code.
+        prefix = torch.cat([self.cls_token, self.storage_tokens], dim=1)
         x = torch.cat([prefix.expand(len(x), -1, -1), x], dim=1)
         rope = self.rope_embed(grid)
         for block in self.blocks:
