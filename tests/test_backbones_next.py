@@ -204,3 +204,26 @@ def test_a_dinov3_file_found_nowhere_is_requested_in_one_line_without_the_networ
     name = "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"
     assert f"save {name} as checkpoint/{name} or {tmp_path / 'cache' / name}" in message
     assert not (tmp_path / "cache").exists()
+
+
+def dinov3_small_parameters():
+    """Tensors of DINOv3's ViT-S/16 backbone, counted from its layout: patch embedding, class and 4 storage
+    tokens, 12 blocks (2 LayerNorms, qkv with its bias mask, projection, 2 layer scales, a 4× MLP), the
+    final LayerNorm, 16 RoPE periods."""
+    d, hidden = 384, 4 * 384
+    block = 4 * d + (d * 3 * d + 3 * d) + 3 * d + (d * d + d) + 2 * d + (d * hidden + hidden + hidden * d + d)
+    return (3 * 16 * 16 * d + d) + 5 * d + 12 * block + 2 * d + 16
+
+
+def test_the_benchmark_has_the_papers_shapes_on_dinov3_and_measures_the_backbones_memory():
+    from dataclasses import replace
+
+    from utils.tools import benchmark
+    assert benchmark.PRESETS["full_dinov3"] == replace(benchmark.PRESETS["full"], arch="dinov3_vit_large_16")
+    assert benchmark.parse_args(["--full-dinov3"]).preset == "full_dinov3"
+    results = benchmark.main(["--device", "cpu", "--full-dinov3", "--arch", V3, "--resolution", "64",
+                              "--batch", "1", "--num-codebook", "4", "--projection-dim", "8", "--bank-capacity", "2",
+                              "--steps", "1", "--warmup", "0", "--measures", "bank_update"])
+    assert results["preset"] == "full_dinov3" and results["shapes"]["token_grid"] == [4, 4]
+    assert results["backbone_weights_bytes"] == 4 * dinov3_small_parameters()
+    assert results["backbone_forward_peak_bytes"] > 4 * (5 + 16) * 384  # at least one float32 token sequence
