@@ -85,6 +85,19 @@ def test_official_file_names():
     }
 
 
+def test_the_stored_rope_periods_are_used_as_stored(tmp_path, releases):
+    """DINOv3's release files keep the periods in bfloat16: the rounded values are what the model uses."""
+    release = dict(releases[V3], **{"rope_embed.periods": releases[V3]["rope_embed.periods"].bfloat16()})
+    backbone = load_backbone(save(release, tmp_path / f"{V3}.pth"))
+    assert backbone.rope_embed.periods.dtype == torch.float32
+    assert torch.equal(backbone.rope_embed.periods, release["rope_embed.periods"].float())
+    assert not torch.equal(backbone.rope_embed.periods, releases[V3]["rope_embed.periods"]), "rounded"
+    case = GOLDEN_TOKENS[V3]["cases"][0]
+    with torch.no_grad():
+        tokens = backbone(golden_image(case))
+    assert (tokens - case["tokens"]).abs().max() > 1e-4, "other periods, other tokens"
+
+
 def refusal(obj, path):
     """The one-line CheckpointError that loading `obj` saved at `path` gives."""
     with pytest.raises(CheckpointError) as refused:
