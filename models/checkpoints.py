@@ -18,6 +18,8 @@ from .vit import build_backbone
 LAYOUTS = {
     "dino": "a flat state_dict {name: tensor}",
     "dinov2": "a flat state_dict {name: tensor}",
+    "dinov2_reg": "a flat state_dict {name: tensor} with register_tokens",
+    "dinov3": "a flat state_dict {name: tensor} with storage_tokens and rope_embed.periods",
     "ibot": "{'state_dict': state_dict}",
     "msn": "{'target_encoder': {'module.' + name: tensor}}",
     "mae": "{'model': state_dict}",
@@ -29,6 +31,8 @@ WRAPPERS = {"ibot": "state_dict", "msn": "target_encoder", "mae": "model"}
 UNUSED_KEYS = {
     "dino": ("head.",),  # a classifier or projection head saved with the backbone
     "dinov2": ("mask_token", "head."),  # masked-image-modelling token, used only in pretraining
+    "dinov2_reg": ("mask_token", "head."),
+    "dinov3": ("mask_token",),  # the hub model's own mask token; it loads strictly with nothing else
     "ibot": ("masked_embed", "head.", "fc_norm."),  # MIM token; classifier head and its pooled-token norm
     "msn": ("fc.", "prototypes"),  # projection head and prototypes of the MSN objective
     "mae": ("decoder_", "mask_token", "head.", "fc_norm."),  # pixel decoder and its mask token; classifier
@@ -40,7 +44,7 @@ def _describe(obj):
     if not isinstance(obj, Mapping):
         return f"a {type(obj).__name__}"
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return f"a flat state_dict of {len(obj)} tensors (the dino/dinov2 layout)"
+        return f"a flat state_dict of {len(obj)} tensors (the dino/dinov2/dinov2_reg/dinov3 layout)"
     keys = sorted(map(str, obj))
     text = f"a dict with keys {keys[:8]}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
     for family, key in WRAPPERS.items():
@@ -73,6 +77,19 @@ def convert_dinov2(obj):
     return _drop_unused(_state_dict(obj, "dinov2"), "dinov2")
 
 
+def convert_dinov2_reg(obj):
+    """DINOv2-with-registers release (dinov2_vit{s,b}14_reg4_pretrain.pth): DINOv2's flat state dict and
+    `register_tokens` [1, 4, dim]; nothing is renamed."""
+    return _drop_unused(_state_dict(obj, "dinov2_reg"), "dinov2_reg")
+
+
+def convert_dinov3(obj):
+    """DINOv3 release (dinov3_vit*16*_pretrain_lvd1689m-*.pth): the flat state dict the hub model loads
+    strictly, in RopeViTBackbone's names already (`attn.qkv.bias_mask` and `rope_embed.periods` are
+    buffers the model reads)."""
+    return _drop_unused(_state_dict(obj, "dinov3"), "dinov3")
+
+
 def convert_ibot(obj):
     """iBOT release (checkpoint_teacher.pth): {'state_dict': state dict}."""
     return _drop_unused(_state_dict(obj, "ibot"), "ibot")
@@ -92,6 +109,8 @@ def convert_mae(obj):
 CONVERTERS = {
     "dino": convert_dino,
     "dinov2": convert_dinov2,
+    "dinov2_reg": convert_dinov2_reg,
+    "dinov3": convert_dinov3,
     "ibot": convert_ibot,
     "msn": convert_msn,
     "mae": convert_mae,

@@ -7,7 +7,9 @@ stand-in loaded by this project must give the golden tokens:
   for each key of the backbone's own state dict (before any release wrapper or `module.` prefix),
   x = numpy Generator(PCG64(crc32(key))).standard_normal(shape) as float32, then
   LayerNorm weights (`norm1`, `norm2`, the final `norm`) 1 + 0.1·x, layer-scale gammas 0.5 + 0.1·x,
-  everything else 0.02·x.
+  everything else 0.02·x;
+  except DINOv3's two buffers, which a release holds as its init computes them: `rope_embed.periods`
+  (vit.rope_periods) and each block's `attn.qkv.bias_mask` (vit.key_bias_mask).
 
 Seeding per key makes every tensor independent of the others and of the torch version.
 
@@ -20,7 +22,7 @@ import torch
 
 from .checkpoints import WRAPPERS
 from .registry import ARCHS
-from .vit import build_backbone
+from .vit import build_backbone, key_bias_mask, rope_periods
 
 _NORM_WEIGHTS = ("norm1.weight", "norm2.weight", "norm.weight")
 
@@ -40,18 +42,34 @@ def stand_in_tensor(key, shape):
 
 def release_keys(arch):
     """{key: shape} of what `arch`'s release file holds for the backbone: the model's own entries,
-    plus DINOv2's mask token, which the release carries and the model drops on loading."""
+    plus the mask token of DINOv2 (with or without registers) and DINOv3, which the release carries and
+    the model drops on loading."""
     with torch.device("meta"):
         backbone = build_backbone(arch)
     keys = {name: tuple(tensor.shape) for name, tensor in backbone.state_dict().items()}
-    if ARCHS[arch].family == "dinov2":
+    if ARCHS[arch].family in ("dinov2", "dinov2_reg", "dinov3"):
         keys["mask_token"] = (1, ARCHS[arch].dim)
     return keys
 
 
+def _computed(key, arch):
+    """DINOv3's two buffers are not drawn: a release holds what its init computes (the RoPE periods,
+    the key-bias mask), and so does the stand-in."""
+    spec = ARCHS[arch]
+    if key == "rope_embed.periods":
+        return rope_periods(spec.dim // spec.heads)
+    if key.endswith("attn.qkv.bias_mask"):
+        return key_bias_mask(spec.dim)
+    return None
+
+
 def stand_in_state_dict(arch):
     """The stand-in backbone state dict of `arch` (release key names, before any wrapper)."""
-    return {key: stand_in_tensor(key, shape) for key, shape in release_keys(arch).items()}
+    state = {}
+    for key, shape in release_keys(arch).items():
+        computed = _computed(key, arch) if ARCHS[arch].family == "dinov3" else None
+        state[key] = stand_in_tensor(key, shape) if computed is None else computed
+    return state
 
 
 def stand_in_release(arch):

@@ -51,9 +51,18 @@ def test_registry_matches_spec_table():
         "msn_vit_small_16": ("msn", 16, 384, 6, 14), "msn_vit_base_16": ("msn", 16, 768, 12, 14),
         "mae_vit_base_16": ("mae", 16, 768, 12, 14),
         "dino_vit_tiny_8": ("dino", 8, 192, 3, 28), "dino_vit_tiny_16": ("dino", 16, 192, 3, 14),
+        "dinov2_reg_vit_small_14": ("dinov2_reg", 14, 384, 6, 37),
+        "dinov2_reg_vit_base_14": ("dinov2_reg", 14, 768, 12, 37),
+        # DINOv3: no stored positional embedding (grid 0), 64-wide heads
+        "dinov3_vit_small_16": ("dinov3", 16, 384, 6, 0), "dinov3_vit_small_plus_16": ("dinov3", 16, 384, 6, 0),
+        "dinov3_vit_base_16": ("dinov3", 16, 768, 12, 0), "dinov3_vit_large_16": ("dinov3", 16, 1024, 16, 0),
     }
     assert {a: (s.family, s.patch, s.dim, s.heads, s.pretrain_grid) for a, s in ARCHS.items()} == spec_table
-    assert {s.depth for s in ARCHS.values()} == {12}
+    assert {a for a, s in ARCHS.items() if s.depth != 12} == {"dinov3_vit_large_16"}
+    assert ARCHS["dinov3_vit_large_16"].depth == 24
+    assert {a for a, s in ARCHS.items() if s.ffn != "mlp"} == {"dinov3_vit_small_plus_16"}
+    assert {a: s.extra_tokens for a, s in ARCHS.items() if s.extra_tokens} == {
+        a: 4 for a in spec_table if a.startswith(("dinov2_reg", "dinov3"))}
     assert {s.family for s in ARCHS.values()} == set(FAMILIES)
 
 
@@ -106,7 +115,7 @@ def test_other_family_layout_refused(tmp_path, small_release):
     with pytest.raises(CheckpointError, match=r"dino release files hold a flat state_dict.*the ibot layout"):
         load_backbone(path)
     path = save(small_release, tmp_path / "mae_vit_base_16.pth")
-    with pytest.raises(CheckpointError, match=r"mae release files hold \{'model': state_dict\}.*dino/dinov2 layout"):
+    with pytest.raises(CheckpointError, match=r"mae release files hold \{'model': state_dict\}.*dinov3 layout"):
         load_backbone(path)
 
 

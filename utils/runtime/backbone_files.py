@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models import ARCHS, CheckpointError
-from models.releases import RELEASES
+from models.releases import GATED_RELEASES, RELEASES
 from models.safe_load import FileLoadError, safe_load
 from utils.runtime.download import DownloadError, Downloaded, download, downloaded, set_aside
 
@@ -40,11 +40,15 @@ def backbone_file(ckpt, cache_dir=None, fetch=True, progress=True):
     """The BackboneFile of a --ckpt value. An existing file, or a value that is no arch name, is a path
     (a missing path is reported by the step that reads it). An arch name with a release is found or
     downloaded (above; `fetch=False`: never downloaded, a missing file is a DownloadError saying where to
-    get it). A stand-in arch's name, which has no release, is a CheckpointError."""
+    get it). A DINOv3 arch's file, which its authors hand out only on request, is found where it was saved
+(_saved_by_hand) or requested in one line. A stand-in arch's name, which has no release, is a
+CheckpointError."""
     path = Path(ckpt)
     name = str(ckpt)
     if path.exists() or name not in ARCHS:
         return BackboneFile(path, None, downloaded(path))
+    if name in GATED_RELEASES:
+        return _saved_by_hand(GATED_RELEASES[name], Path(cache_dir) if cache_dir is not None else default_cache_dir())
     if name not in RELEASES:
         raise CheckpointError(f"{name} is a stand-in arch without released weights: pass --ckpt the path of "
                               f"its file; the archs with a release are {', '.join(sorted(RELEASES))}")
@@ -81,3 +85,24 @@ def torch_file_problem(path):
     except FileLoadError as err:
         return str(err).removeprefix(f"{path} ")
     return None
+
+
+def _saved_by_hand(release, cache_dir):
+    """A gated release (DINOv3), which no one can download unasked: `<arch>.pth` or its official name in
+    checkpoint/ or the cache, else a CheckpointError saying where to request it. A file found under its
+    official name is linked as `<cache_dir>/<arch>.pth`, so that the artifact folders are named after the
+    arch as for every `--ckpt <arch>`."""
+    arch_file = f"{release.arch}.pth"
+    linked = cache_dir / arch_file
+    for candidate in (CHECKPOINT_DIR / arch_file, linked):
+        if candidate.is_file():
+            return BackboneFile(candidate, None, None)
+    for candidate in (CHECKPOINT_DIR / release.file_name, cache_dir / release.file_name):
+        if candidate.is_file():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            staged = cache_dir / f".{arch_file}.{os.getpid()}.link"  # one per process: torchrun's all look
+            staged.unlink(missing_ok=True)
+            staged.symlink_to(candidate.resolve())
+            os.replace(staged, linked)
+            return BackboneFile(linked, None, None)
+    raise CheckpointError(release.request([CHECKPOINT_DIR / release.file_name, cache_dir / release.file_name]))

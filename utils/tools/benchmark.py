@@ -1,9 +1,11 @@
 """Training-step cost of this project against the official CAUSE formulation.
 
-    python -m utils.benchmark [--device cpu|cuda] [--full | --small] [--steps N] [--measures ...] [--json PATH]
+    python -m utils.benchmark [--device cpu|cuda] [--full | --full-dinov3 | --small] [--steps N] [--measures ...]
+                              [--json PATH]
 
 --full uses the paper's shapes (ViT-B/8, 320 px -> 40x40 tokens, batch 16, K = 2048,
-projection 2048, concept bank full: 100 entries for each prototype); --small (the default
+projection 2048, concept bank full: 100 entries for each prototype); --full-dinov3 the same
+on DINOv3's ViT-L/16 (320 px -> 20x20 tokens of dim 1024, 24 blocks); --small (the default
 on CPU) reduced ones that run in about a minute on two CPU cores. Single shape values can
 be overridden (--arch, --resolution, ...).
 
@@ -12,7 +14,8 @@ Measured, for this project and for the official formulation (utils/tools/officia
 - front-door step, TR and MLP heads: heads and projections, contrastive loss against the
   full bank, backward, Adam step, EMA update, bank update;
 - bank update alone, on the full bank;
-and once, the frozen backbone's forward pass, the cost no step can avoid.
+and once, the frozen backbone's forward pass, the cost no step can avoid: its time, its weights'
+bytes and its peak memory above them.
 
 Method:
 - Time: median over --steps runs after --warmup untimed ones; project and official runs
@@ -77,6 +80,7 @@ class Shapes:
 
 PRESETS = {
     "full": Shapes("dino_vit_base_8", 320, 16, 2048, 2048, 100),
+    "full_dinov3": Shapes("dinov3_vit_large_16", 320, 16, 2048, 2048, 100),
     "small": Shapes("dino_vit_small_16", 320, 4, 256, 256, 20),
 }
 
@@ -289,6 +293,8 @@ def run(shapes, device, steps, warmup, precision_name="auto", measures=MEASURE_G
         return backbone_tokens(backbone, images, precision)
 
     backbone_s = median_seconds({"backbone": forward}, device, steps, warmup)["backbone"]
+    backbone_peak = peak_bytes(forward, device)
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in backbone.state_dict().values())
     tokens = forward().float()
     batch, num_tokens, dim = tokens.shape
     sampled = grid_sample_tokens(tokens)[0]
@@ -300,7 +306,8 @@ def run(shapes, device, steps, warmup, precision_name="auto", measures=MEASURE_G
 
     results = {"project": {}, "official": {}}
 
-    print(f"[benchmark] backbone forward: {_ms(backbone_s)}", flush=True)
+    print(f"[benchmark] backbone forward: {_ms(backbone_s)}, peak {_mib(backbone_peak)} above its "
+          f"{_mib(weights)} of weights", flush=True)
 
     def record(name, project_step, official_step, memory=False):
         sides = {"project": project_step, "official": official_step}
@@ -335,6 +342,8 @@ def run(shapes, device, steps, warmup, precision_name="auto", measures=MEASURE_G
         "steps": steps,
         "warmup": warmup,
         "backbone_forward_s": backbone_s,
+        "backbone_forward_peak_bytes": backbone_peak,
+        "backbone_weights_bytes": weights,
         "ratios": {
             "project_over_official": {key: results["project"][key] / results["official"][key]
                                       for key in results["project"]},
@@ -368,7 +377,8 @@ def format_report(results):
         f"({shapes['bank_entries']} entries); {shapes['prototypes_hit_per_step']} prototypes hit per step",
         f"median of {results['steps']} steps after {results['warmup']} warm-up steps; "
         f"peak memory = most bytes allocated above the step's start",
-        f"backbone forward: {_ms(results['backbone_forward_s'])}",
+        f"backbone forward: {_ms(results['backbone_forward_s'])}, peak {_mib(results['backbone_forward_peak_bytes'])} "
+        f"above its {_mib(results['backbone_weights_bytes'])} of weights",
         "",
         f"{'measure':<28}{'project':>14}{'official':>14}{'proj/off':>10}  {'target (proj/off)':<36}"
         f"{'proj/backbone':>14}",
@@ -394,6 +404,8 @@ def parse_args(argv=None):
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_const", const="full", dest="preset",
                       help="the paper's shapes (default on CUDA)")
+    size.add_argument("--full-dinov3", action="store_const", const="full_dinov3", dest="preset",
+                      help="the paper's shapes on DINOv3's ViT-L/16")
     size.add_argument("--small", action="store_const", const="small", dest="preset",
                       help="reduced shapes for a CPU (default on CPU)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measure")
