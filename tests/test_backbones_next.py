@@ -1,6 +1,7 @@
 """DINOv2 with registers and DINOv3: the official code's patch tokens on stand-in release files
 (tests/golden/backbones_next.pt), their official file names, strict loading, and the by-name lookup of
 their files (a public DINOv2-reg download, a DINOv3 file saved by hand or requested in one line)."""
+import io
 import socket
 import sys
 
@@ -178,9 +179,12 @@ def test_dinov2_reg_by_name_downloads_its_public_release(server, tmp_path, monke
     release = RELEASES["dinov2_reg_vit_base_14"]
     assert release.url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
     assert RELEASES[REG].url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"
-    server.serve(release.url, b"weights")
+    weights = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, weights)  # a torch file the safe loader reads: a download is checked
+    server.serve(release.url, weights.getvalue())
     found = backbone_file("dinov2_reg_vit_base_14", tmp_path / "cache", progress=False)
-    assert found.path == tmp_path / "cache" / "dinov2_reg_vit_base_14.pth" and found.path.read_bytes() == b"weights"
+    assert found.path == tmp_path / "cache" / "dinov2_reg_vit_base_14.pth"
+    assert found.path.read_bytes() == weights.getvalue()
     assert found.release_url == release.url
 
 
