@@ -19,6 +19,7 @@ from utils.runtime.distributed import torchrun_rank
 from utils.engine import resume
 from utils.runtime.backbone_files import backbone_file
 from utils.runtime.download import downloaded
+from utils.runtime.paths import RunFiles
 from utils.runtime.records import (FingerprintCache, StaleInputError, differences, identity_of, now, project_version,
                                    read_record, recorded_fingerprint, upstream_entry, write_record)
 from utils.runtime.steps import STEPS, command_of
@@ -152,6 +153,10 @@ def released(cfg, label, outputs):
     main = Path(outputs[0])
     if cfg.restart or not main.exists() or read_record(main) is not None:
         return False
+    step = STEPS[cfg.step]
+    if step.trains and resume.commit_path(RunFiles(main, step.run_name(cfg.head), cfg.output_root,
+                                                   cfg.logs_root)).exists():
+        return False  # written by an unfinished run of the step, killed before it wrote its record
     say(f"[{label}] {main} exists without a record of how it was made (a released file, or made by another "
         f"program): skipping the step and using it as it is. Pass --restart to make it again.")
     return True
