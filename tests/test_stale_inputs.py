@@ -12,6 +12,7 @@ from steps import make_tiny_setup, run_step, step_args
 
 import utils.runtime.records
 from models import build_backbone
+from utils.runtime.io import save_torch
 from utils.runtime.records import FingerprintCache
 
 HEAD_DIR = "CAUSE/cocostuff27/dino_vit_tiny_8/16"
@@ -144,7 +145,7 @@ def test_a_restart_after_a_same_size_change_records_what_it_read(copied, capsys)
     # Other weights of the same shapes (the same size), the modification time forged back.
     stat = ckpt.stat()
     torch.manual_seed(4)
-    torch.save(build_backbone("dino_vit_tiny_8").state_dict(), ckpt)
+    save_torch(build_backbone("dino_vit_tiny_8").state_dict(), ckpt)  # as the fixture wrote it
     assert ckpt.stat().st_size == stat.st_size
     os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     # A training crop rewritten in place with the same bytes: only its modification time says so.

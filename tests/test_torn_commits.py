@@ -94,7 +94,7 @@ def test_a_run_killed_before_any_commit_resumes_to_the_uninterrupted_bytes(media
 
 
 def _run_in_a_process(args, env=None):
-    code = "import sys; from utils.cli.steps import main; sys.exit(main('front_door', 'tr', sys.argv[1:]))"
+    code = "import sys; from utils.cli.steps import main; main('front_door', 'tr', sys.argv[1:])"
     return subprocess.run([sys.executable, "-c", code, *only_for("front_door", args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, **(env or {})})
 
