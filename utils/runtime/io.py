@@ -77,19 +77,27 @@ def atomic_path(path):
     try:
         yield tmp
         commit(tmp, path)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as err:
+        full = _full_disk(err)
+        if full is None:
             raise
         free = shutil.disk_usage(path.parent).free
-        raise DiskFullError(f"no space left to write {path} ({free / 2**20:.1f} MiB free on its disk{_quota(err)}): "
+        quota = ", and the user's disk quota is reached" if full.errno == errno.EDQUOT else ""
+        raise DiskFullError(f"no space left to write {path} ({free / 2**20:.1f} MiB free on its disk{quota}): "
                             f"free some space and run again; {path} is as it was before") from None
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def _quota(err):
-    return ", and the user's disk quota is reached" if err.errno == errno.EDQUOT else ""
+def _full_disk(err):
+    """The OSError saying the disk (or quota) is full behind `err`, or None. torch's writer reports it as a
+    RuntimeError of its own, raised while it handles the OSError."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def commit(written, path):
