@@ -179,7 +179,7 @@ def test_a_run_killed_in_its_masks_and_then_in_training_resumes_to_the_uninterru
         run_step("primaps", None, args)
     monkeypatch.undo()
     assert "2 computed, 2 reused" in capsys.readouterr().out
-    resume = tmp_path / BACKBONE_DIR.format(dataset="cocostuff27") / "resume" / "primaps.pt"
+    resume = tmp_path / BACKBONE_DIR.format(dataset="cocostuff27") / "resume" / "primaps.json"
     assert resume.is_file()
 
     run_step("primaps", None, args)
@@ -249,7 +249,7 @@ def test_nan_proposals_and_a_non_finite_loss(setup, tmp_path, monkeypatch, capsy
     assert stopped.value.code == 2
     assert "loss is nan at epoch 2, batch 0" in capsys.readouterr().err
     artifacts = tmp_path / BACKBONE_DIR.format(dataset="cocostuff27")
-    assert (artifacts / "resume" / "primaps.pt").is_file()
+    assert (artifacts / "resume" / "primaps.json").is_file()
     record = json.loads((artifacts / "primaps.json").read_text())
     assert record["epochs_done"] == 1 and not record["complete"]
     assert all(torch.isfinite(value).all() for value in state(artifacts / "primaps.pth").values())

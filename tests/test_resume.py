@@ -13,7 +13,7 @@ from steps import make_tiny_setup, run_step, step_args
 
 import utils.engine.front_door
 from utils.engine.crop import write_cropped_dataset
-from utils.engine.resume import ResumeState
+from utils.engine.resume import ResumeState, describe
 
 HEAD_DIR = "CAUSE/cocostuff27/dino_vit_tiny_8/16"
 
@@ -60,8 +60,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(setup, tmp_path, monke
     with pytest.raises(Killed):
         train_front_door(setup, tmp_path / "killed")
     monkeypatch.undo()
-    resume_file = tmp_path / "killed" / HEAD_DIR / "resume/front_door_tr.pt"
-    assert resume_file.is_file() and resume_file.with_suffix(".bank0.pt").is_file()
+    resume_file = tmp_path / "killed" / HEAD_DIR / "resume/front_door_tr.json"
+    assert json.loads(resume_file.read_text())["epoch"] == epoch_killed, "the killed epoch is committed"
+    assert sorted(p.name for p in resume_file.parent.iterdir()) == sorted(
+        [resume_file.name, f"front_door_tr.epoch{epoch_killed}.pt", f"front_door_tr.epoch{epoch_killed}.bank0.pt"])
     if epoch_killed == 1:  # the first epoch's artifact is on disk, and its record says it is partial
         record = json.loads((tmp_path / "killed" / HEAD_DIR / "segment_tr.json").read_text())
         assert (record["complete"], record["epochs_done"]) == (False, 1)
@@ -85,7 +87,7 @@ def test_resuming_with_other_settings_is_refused_naming_them(setup, tmp_path, mo
     with pytest.raises(Killed):
         train_front_door(setup, tmp_path)
     monkeypatch.undo()
-    resume_file = tmp_path / HEAD_DIR / "resume/front_door_tr.pt"
+    resume_file = tmp_path / HEAD_DIR / "resume/front_door_tr.json"
     before = resume_file.read_bytes()
     with pytest.raises(SystemExit) as stopped:
         train_front_door(setup, tmp_path, extra=changed)
@@ -126,7 +128,7 @@ def test_restart_starts_the_step_over(setup, tmp_path, monkeypatch):
     original_load = ResumeState.load
 
     def fresh(self, training):
-        assert not self.path.exists(), "--restart discards the saved state before training"
+        assert describe(self.files) is None, "--restart discards the saved state before training"
         original_load(self, training)
 
     monkeypatch.setattr(ResumeState, "load", fresh)
@@ -252,7 +254,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(setup, tm
     assert "loss is nan at epoch 2, batch 0" in message, message
     after_first_epoch = segment_state(tmp_path)
     assert all(torch.isfinite(v).all() for v in after_first_epoch.values())
-    assert (tmp_path / HEAD_DIR / "resume/front_door_tr.pt").is_file()
+    assert json.loads((tmp_path / HEAD_DIR / "resume/front_door_tr.json").read_text())["epoch"] == 0
 
 
 def test_seeded_cpu_runs_are_identical(setup, tmp_path):

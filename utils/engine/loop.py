@@ -15,7 +15,7 @@ from loader import build_dataset
 from loader.samplers import GlobalBatchSampler, evaluation_loader, share_of, training_loader
 from models import load_backbone
 from modules.randomness import BatchRandom, mixed_seed
-from utils.engine.resume import ResumeState
+from utils.engine.resume import ResumeState, commit_path
 from utils.engine.status import step_record
 from utils.runtime.distributed import barrier, communication_device, world_size
 
@@ -254,4 +254,4 @@ def check_finite(value, ctx, epoch, batch_index):
         raise NonFiniteLossError(
             f"[{ctx.label}] loss is {value} at epoch {epoch + 1}, batch {batch_index}; stopping. "
             f"The artifacts and resume state of the last finished epoch are untouched "
-            f"({ctx.files.resume_state}); lower --lr or check the data before resuming.")
+            f"({commit_path(ctx.files)}); lower --lr or check the data before resuming.")

@@ -8,6 +8,7 @@ from modules.primaps import Prototypes, kmeans_loss, pca_directions
 from modules.randomness import mixed_seed
 from utils.engine.loop import Training, fit, progress, row_counts, training_data
 from utils.engine.optim import Precision, optimizer_step
+from utils.engine import resume
 from utils.engine.primaps import choices, probe_loss
 from utils.engine.status import write_artifact_records
 from utils.engine.trained import Features, mask_backbone
@@ -91,7 +92,7 @@ def work(ctx):
     # The labelled diagnostic, made before the PCA's loader draws from the generator. It is not saved with
     # the prototypes: the EM stage starts a probe of its own, as the official one does.
     linear = nn.Conv2d(cfg.dim, cfg.n_classes, 1).to(ctx.device)
-    if not ctx.files.resume_state.is_file():  # a resumed run has its prototypes in the resume state
+    if resume.describe(ctx.files) is None:  # a resumed run has its prototypes in the resume state
         directions = pca_start(ctx, features, None)
         if directions is not None:
             probe.set_directions(directions)

@@ -19,8 +19,9 @@ from utils.runtime.distributed import torchrun_rank
 from utils.engine import resume
 from utils.runtime.backbone_files import backbone_file
 from utils.runtime.download import downloaded
+from utils.runtime.paths import RunFiles
 from utils.runtime.records import (FingerprintCache, StaleInputError, differences, identity_of, now, project_version,
-                                   read_record, upstream_entry, write_record)
+                                   read_record, recorded_fingerprint, upstream_entry, write_record)
 from utils.runtime.steps import STEPS, command_of
 
 
@@ -78,19 +79,65 @@ def data_files(cfg, split):
 
 
 def identity(cfg, recipe, fingerprints, files, upstream):
-    """Everything the step's result depends on (see the module's doc); `files`: {split: data files}."""
+    """Everything the step's result depends on (see the module's doc); `files`: {split: data files}. Stops
+    when an earlier artifact was made from other inputs (check_shared_inputs)."""
     step = STEPS[cfg.step]
     resize = {split: step.resize[split] for split in step.data}
     found = {"settings": {**result_settings(cfg), **(recipe.settings() if recipe else {}),
                           **({"resize": resize} if resize else {})},
-             "data": {split: fingerprints.file_list(listed, cfg.data_dir, timed=step.timed_sources)
+             "data": {split: fingerprints.file_list(listed, cfg.data_dir)
                       for split, listed in files.items()},
              "upstream": {name: identity_of(entry) for name, entry in upstream.items()}}
     if uses_backbone(cfg):
         found["backbone"] = {"arch": cfg.arch, "fingerprint": fingerprints.file(cfg.ckpt)}
     if cfg.sota_family is not None:
         found["sota"] = sota_identity(cfg, fingerprints)
+    check_shared_inputs(cfg, found, upstream)
     return found
+
+
+def check_shared_inputs(cfg, found, upstream):
+    """Stop when an earlier step's artifact was made from another backbone file, released model, data set
+    or data files than this step reads now (`found`: its identity), or when two artifacts of one step come
+    from different runs, naming the step to run again; a released file (no record) is taken as it is.
+    `bash run` never stops here: it reruns each step whose inputs changed before the steps that read it."""
+    runs = {}
+    for name, entry in upstream.items():
+        if entry["origin"] != "trained":
+            continue
+        record = entry["record"]
+        theirs = record.get("identity") if isinstance(record.get("identity"), dict) else {}
+        changed = [f"{key} {_short_value(theirs[key])} -> {_short_value(found[key])}"
+                   for key in ("backbone", "sota")
+                   if isinstance(theirs.get(key), dict) and key in found
+                   and theirs[key].get("fingerprint") != found[key]["fingerprint"]]
+        settings = theirs.get("settings") if isinstance(theirs.get("settings"), dict) else {}
+        if "dataset" in settings and settings["dataset"] != found["settings"].get("dataset", settings["dataset"]):
+            changed.append(f"dataset {settings['dataset']} -> {found['settings']['dataset']}")
+        data = theirs.get("data") if isinstance(theirs.get("data"), dict) else {}
+        for split, now_listed in found["data"].items():
+            if split not in data or not _same_files(record.get("step"), cfg.step, split):
+                continue
+            if data[split] != now_listed:
+                changed.append(f"the {split} files (a file added, removed, renamed or rewritten since)")
+        if changed:
+            raise StaleInputError(f"{entry['file']} was made from other inputs than this run reads: "
+                                  f"{'; '.join(changed)}. Run {entry['produced_by']} again first (bash run reruns "
+                                  f"every step whose inputs changed)")
+        runs.setdefault((record.get("step"), entry["produced_by"]), {})[name] = record.get("run_id")
+    for (_, produced_by), of_step in runs.items():
+        if len(set(of_step.values())) > 1:
+            raise StaleInputError(f"{' and '.join(upstream[name]['file'] for name in of_step)} come from different "
+                                  f"runs of {produced_by} (one was stopped while writing them): run it again")
+
+
+def _same_files(their_step, step, split):
+    """Whether two steps read the same files of `split`: val always, train where their train sets agree."""
+    return split == "val" or (their_step in STEPS and STEPS[their_step].train_set == STEPS[step].train_set)
+
+
+def _short_value(value):
+    return str(value.get("fingerprint", "?"))[:7 + 12] + "…"
 
 
 def sota_identity(cfg, fingerprints):
@@ -106,6 +153,10 @@ def released(cfg, label, outputs):
     main = Path(outputs[0])
     if cfg.restart or not main.exists() or read_record(main) is not None:
         return False
+    step = STEPS[cfg.step]
+    if step.trains and resume.commit_path(RunFiles(main, step.run_name(cfg.head), cfg.output_root,
+                                                   cfg.logs_root)).exists():
+        return False  # written by an unfinished run of the step, killed before it wrote its record
     say(f"[{label}] {main} exists without a record of how it was made (a released file, or made by another "
         f"program): skipping the step and using it as it is. Pass --restart to make it again.")
     return True
@@ -115,10 +166,10 @@ def decide_to_run(cfg, label, outputs, files, found, fingerprints):
     """False when the step's output is up to date; prints why a step runs again. `files`: the run's
     RunFiles (its resume state), `found`: its identity now."""
     main = Path(outputs[0])
-    saved = resume.describe(files) if STEPS[cfg.step].trains else None
     if cfg.restart:
         resume.discard(files)
         return True
+    saved = _saved_state(label, files) if STEPS[cfg.step].trains else None
     if saved is not None:
         changed_settings = differences(saved["identity"]["settings"], found["settings"])
         if changed_settings:
@@ -136,12 +187,10 @@ def decide_to_run(cfg, label, outputs, files, found, fingerprints):
         return True
     record = read_record(main)
     changed = differences(record.get("identity", {}), found)
-    recorded = record.get("artifacts", {})
-    damaged = [str(p) for p in outputs
-               if not Path(p).exists() or (str(p) in recorded and fingerprints.artifact(p) != recorded[str(p)])]
+    damaged = [str(p) for p in outputs if not _as_written(p, record, fingerprints)]
     if damaged:
-        say(f"[{label}] {', '.join(damaged)} is not what its run wrote (missing, damaged or replaced); running the "
-            f"step again")
+        say(f"[{label}] {', '.join(damaged)} is not what its run wrote (missing, damaged, replaced, or written by "
+            f"another run than {main}); running the step again")
         return True
     if record.get("complete") and not changed:
         say(f"[{label}] {main} is up to date (made from the same inputs and settings); skipping. "
@@ -152,6 +201,29 @@ def decide_to_run(cfg, label, outputs, files, found, fingerprints):
     else:
         say(f"[{label}] {main} comes from an unfinished run without a resume state; starting over")
     return True
+
+
+def _as_written(path, record, fingerprints):
+    """Whether artifact `path` is there as the run of `record` (its main artifact's) wrote it: its record is
+    that run's, and its fingerprint the one recorded."""
+    if not Path(path).exists():
+        return False
+    own = read_record(path)
+    if own is None or own.get("run_id") != record.get("run_id"):
+        return False
+    recorded = recorded_fingerprint(record, path)
+    return recorded is None or fingerprints.artifact(path) == recorded
+
+
+def _saved_state(label, files):
+    """The committed resume state of the run (resume.describe); one that cannot be trusted is said and
+    removed: the step starts over."""
+    try:
+        return resume.describe(files)
+    except resume.UnreadableState as err:
+        say(f"[{label}] the saved state of an unfinished run cannot be used ({err}); starting over")
+        resume.discard(files)
+        return None
 
 
 def _changed_inputs(old, new):

@@ -13,6 +13,7 @@ from loader.layouts import COCO_LIST, COCO_LIST_7
 from loader.synthetic import make_synthetic_cocostuff
 from models import stand_in_release
 from utils.runtime.io import save_text, save_torch
+from utils.runtime.locks import exclusive
 
 DEMO_ARCH = "dino_vit_tiny_8"
 
@@ -26,7 +27,15 @@ DEMO_OPTIONS = ["--recipe", "scaled", "--train_resolution", "96", "--test_resolu
 
 
 def prepare(root, n_train=24, n_val=12, image_size=192, seed=0):
+    """Write what is missing of the demo under `root` (see the module's doc), one process at a time: a
+    second `bash run demo` started meanwhile waits for the first to write it, then finds it there."""
     root = Path(root)
+    with exclusive(root / ".prepare.lock", "writing the demo's data",
+                   waiting="waiting for another `bash run demo` to write the demo's data"):
+        return _prepare(root, n_train, n_val, image_size, seed)
+
+
+def _prepare(root, n_train, n_val, image_size, seed):
     data_dir = root / "data"
     if not (data_dir / "cocostuff" / "curated" / "val2017").is_dir():
         make_synthetic_cocostuff(data_dir, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
