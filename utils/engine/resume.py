@@ -41,7 +41,7 @@ def epoch_file(files, epoch, rank=None):
 def _saved_files(files):
     """Every file of a run's saved states, committed or not (the commit itself left out)."""
     state = files.resume_state
-    # An earlier layout's state and banks (front_door_tr.pt, front_door_tr.bank0.pt) are removed alike.
+    # An earlier layout's state and banks (`<run>.pt`, `<run>.bank<rank>.pt`) are removed alike.
     return [state, *state.parent.glob(f"{state.stem}.bank*.pt"), *state.parent.glob(f"{state.stem}.epoch*.pt")]
 
 
