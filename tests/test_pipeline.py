@@ -100,7 +100,8 @@ def test_run_chains_every_step_then_skips_finished_ones(tiny_run, head):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipping") == 5, again.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert again.stdout.splitlines()[-1] == last_line, "an up-to-date run still ends with its numbers"
+    assert again.stdout.splitlines()[-2:] == [last_line, f"report: {root / 'results' / 'report.md'}"], \
+        "an up-to-date run still ends with its numbers, then the report's path"
 
 
 def test_an_option_no_step_knows_stops_the_run_before_any_step(tiny_run):
