@@ -104,26 +104,31 @@ def figure_pairs(variants):
             if name.endswith("crf") and not name.endswith("no_crf") and name[:-len("crf")] + "no_crf" in variants}
 
 
-def save_figures(cfg, folder, results):
-    """Beside metrics.json, for each pair of variants with and without the CRF (figure_pairs; the headline's
-    without a prefix): {prefix}per_class_iou.png (each class's IoU after the matching, with and without the
-    CRF) and {prefix}confusion.png (the matched confusion matrix after the CRF, rows normalised); the same
-    pictures in TensorBoard, under the folder's tensorboard/."""
+def evaluation_figures(cfg, results):
+    """{file stem: figure} of an evaluation, for each pair of variants with and without the CRF
+    (figure_pairs; the headline's without a prefix): {prefix}per_class_iou (each class's IoU after the
+    matching, with and without the CRF) and {prefix}confusion (the matched confusion matrix after the CRF,
+    rows normalised)."""
     names = class_names(cfg.dataset)
+    figures = {}
+    for prefix, (crf, no_crf) in figure_pairs(results).items():
+        title = " ".join([cfg.dataset, cfg.step, *([cfg.head] if cfg.head else []), prefix.rstrip("_")]).strip()
+        ious = {"after the CRF": results[crf]["per_class_iou"], "without the CRF": results[no_crf]["per_class_iou"]}
+        figures[f"{prefix}per_class_iou"] = per_class_iou_figure(names, ious, f"IoU per class: {title}")
+        figures[f"{prefix}confusion"] = confusion_figure(names, results[crf]["confusion"],
+                                                         f"Confusion after the matching and the CRF: {title}")
+    return figures
+
+
+def save_figures(cfg, folder, results):
+    """The evaluation's figures (evaluation_figures) as PNGs beside its metrics.json, and as images in
+    TensorBoard, under the folder's tensorboard/."""
     writer = SummaryWriter(str(folder / "tensorboard"))
     try:
-        for prefix, (crf, no_crf) in figure_pairs(results).items():
-            title = " ".join([cfg.dataset, cfg.step, *([cfg.head] if cfg.head else []), prefix.rstrip("_")]).strip()
-            figures = {
-                "per_class_iou": per_class_iou_figure(names, {"after the CRF": results[crf]["per_class_iou"],
-                                                              "without the CRF": results[no_crf]["per_class_iou"]},
-                                                      f"IoU per class: {title}"),
-                "confusion": confusion_figure(names, results[crf]["confusion"],
-                                              f"Confusion after the matching and the CRF: {title}")}
-            for name, figure in figures.items():
-                picture = figure_rgb(figure)
-                save_png(picture, folder / f"{prefix}{name}.png")
-                writer.add_image(f"{cfg.step}/{prefix}{name}", picture, dataformats="HWC")
+        for name, figure in evaluation_figures(cfg, results).items():
+            picture = figure_rgb(figure)
+            save_png(picture, folder / f"{name}.png")
+            writer.add_image(f"{cfg.step}/{name}", picture, dataformats="HWC")
     finally:
         writer.close()
 
