@@ -162,3 +162,21 @@ def test_a_missing_results_folder_is_one_clear_line(tmp_path, capsys):
     assert capsys.readouterr().err == (f"error [report]: no results folder {tmp_path / 'none'}: run an evaluation "
                                        f"first (bash run, test_tr.py, ...), or pass --results_root the folder its "
                                        f"metrics.json files are under\n")
+
+
+def test_each_evaluation_names_its_protocol_in_words_and_values():
+    cause = protocols_of(SimpleNamespace(step="test", test_resolution=320), VARIANTS["test"])["cause"]
+    assert cause["resize"]["method"] == "nearest" and cause["resize"]["resolution"] == 320
+    assert cause["flip_averaged"] == {"crf": True, "no_crf": True, "no_crf_no_flip": False}
+    assert cause["crf"]["iterations"] == 10 and cause["crf"]["gaussian"] == {"sxy": 1, "compat": 3}
+    assert cause["crf"]["bilateral"] == {"sxy": 67, "srgb": 3, "compat": 4}  # docs/cause.md §6
+    primaps = protocols_of(SimpleNamespace(step="test_primaps", test_resolution=320), VARIANTS["test_primaps"])
+    assert primaps["primaps"]["resize"]["method"] == "tensor_bilinear"
+    assert primaps["primaps"]["variants"] == VARIANTS["test_primaps"]
+    sota = protocols_of(SimpleNamespace(step="test_sota", test_resolution=320, sota_family="hp"), VARIANTS["test_sota"])
+    assert sota["hp"]["variants"] == ["crf", "no_crf", "linear_crf", "linear_no_crf"]
+    assert not any(sota["hp"]["flip_averaged"].values()), "HP's evaluation scores the online code alone"
+    assert sota["primaps"]["variants"] == ["primaps_protocol_crf", "primaps_protocol_no_crf"]
+    assert sota["primaps"]["resize"]["method"] == "tensor_bilinear" and all(sota["primaps"]["flip_averaged"].values())
+    for protocol in (cause, primaps["primaps"], sota["hp"]):
+        assert protocol["matching"].startswith("one histogram") and "unmatched_clusters" in protocol
