@@ -29,9 +29,9 @@ def test_seeds_are_read_and_each_gets_its_own_folders_and_seed():
                             (["--seeds"], "needs a value")):
         with pytest.raises(PipelineError, match=message):
             split_seeds(tokens)
-    tokens = ["--output_root", "out", "--epochs", "1", "--results_root=res"]
+    tokens = ["--output_root", "out", "--data_dir", "data.seed", "--results_root=res"]
     assert seeded(tokens, None) is tokens, "a run without --seeds is routed as it always was"
-    assert seeded(tokens, 2) == ["--epochs", "1", "--output_root=out/seed_2", "--results_root=res/seed_2",
+    assert seeded(tokens, 2) == ["--data_dir", "data.seed", "--output_root=out/seed_2", "--results_root=res/seed_2",
                                  "--logs_root=logs/seed_2", "--seed=2"]
     for refused in (["--seed", "4"], ["--front_door.seed", "4"], ["--test.results_root", "r"]):
         with pytest.raises(PipelineError, match="--seeds sets each chain's --seed"):

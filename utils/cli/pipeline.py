@@ -271,12 +271,16 @@ def seeded(tokens, seed):
     kept = []
     i = 0
     while i < len(tokens):
-        name, has_value, value = tokens[i].removeprefix("--").partition("=")
-        step, dot, option = name.rpartition(".")
+        if not tokens[i].startswith("--"):  # a value
+            kept.append(tokens[i])
+            i += 1
+            continue
+        name, has_value, value = tokens[i][2:].partition("=")
+        _, dot, option = name.rpartition(".")
         if option == "seed" or (dot and option in SEED_ROOTS):
             raise PipelineError(f"--{name}: --seeds sets each chain's --seed and its folders (ROOT/seed_S); give "
                                 f"the roots to every step (--{option}), and no --seed")
-        if not tokens[i].startswith("--") or option not in SEED_ROOTS:
+        if option not in SEED_ROOTS:
             kept.append(tokens[i])
             i += 1
             continue
