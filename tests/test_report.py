@@ -178,5 +178,9 @@ def test_each_evaluation_names_its_protocol_in_words_and_values():
     assert not any(sota["hp"]["flip_averaged"].values()), "HP's evaluation scores the online code alone"
     assert sota["primaps"]["variants"] == ["primaps_protocol_crf", "primaps_protocol_no_crf"]
     assert sota["primaps"]["resize"]["method"] == "tensor_bilinear" and all(sota["primaps"]["flip_averaged"].values())
+    def without_variants(protocol):
+        return {key: value for key, value in protocol.items() if key not in ("variants", "flip_averaged")}
+    assert without_variants(sota["primaps"]) == without_variants(primaps["primaps"]), \
+        "a released model's centres and PriMaPs-EM share PriMaPs-EM's table"
     for protocol in (cause, primaps["primaps"], sota["hp"]):
         assert protocol["matching"].startswith("one histogram") and "unmatched_clusters" in protocol
