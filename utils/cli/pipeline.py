@@ -294,22 +294,25 @@ def seeded(tokens, seed):
     return [*kept, *(f"--{name}={Path(root) / f'seed_{seed}'}" for name, root in roots.items()), f"--seed={seed}"]
 
 
-def evaluation_files(steps, configs):
-    """The metrics.json of each evaluation of the chain, in its order."""
-    files = []
+def evaluations(steps, configs):
+    """{metrics.json: its step's config} of each evaluation of the chain, in its order."""
+    found = {}
     for step in steps:
         outputs = step.outputs(paths_of(configs[step.name]))
         if outputs and Path(outputs[0]).name == "metrics.json":
-            files.append(Path(outputs[0]))
-    return files
+            found[Path(outputs[0])] = configs[step.name]
+    return found
 
 
 def finish(steps, configs, chains):
-    """The end of a chain: the report of every evaluation under its results root, its path printed; a
-    chain of --seeds instead hands its results root's parent and its evaluations to run_seeds."""
-    results_root = Path(configs[steps[-1].name].results_root)
+    """The end of a chain: the report of every evaluation under the results root of its evaluations, its
+    path printed; a chain of --seeds instead hands that root's parent and its metrics.json files to run_seeds."""
+    found = evaluations(steps, configs)
+    if not found:
+        return
+    results_root = Path(list(found.values())[-1].results_root)
     if chains is not None:
-        chains.append((results_root.parent, evaluation_files(steps, configs)))
+        chains.append((results_root.parent, list(found)))
         return
     from utils.tools.report import write_report
     md_path, _ = write_report(results_root)
@@ -324,10 +327,11 @@ def run_seeds(seeds, tokens):
         code = main(tokens, seed, chains)
         if code:
             return code
-    print_over_seeds(seeds, chains)
-    from utils.tools.report import write_report
-    md_path, _ = write_report(chains[0][0])
-    print(f"report: {md_path}")
+    if chains:  # a chain with an evaluation
+        print_over_seeds(seeds, chains)
+        from utils.tools.report import write_report
+        md_path, _ = write_report(chains[0][0])
+        print(f"report: {md_path}")
     return 0
 
 
