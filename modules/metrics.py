@@ -46,4 +46,6 @@ class MatchedMetrics:
             "mAP": precision[~precision.isnan()].mean().item() * 100,
             "per_class_iou": [value.item() * 100 if ok else None for value, ok in zip(iou, defined, strict=True)],
             "assignment": assignment,
+            # [true class, matched prediction] pixel counts: the confusion matrix after the matching.
+            "confusion": matched.T.to(torch.int64),
         }

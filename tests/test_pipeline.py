@@ -100,7 +100,8 @@ def test_run_chains_every_step_then_skips_finished_ones(tiny_run, head):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipping") == 5, again.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert again.stdout.splitlines()[-1] == last_line, "an up-to-date run still ends with its numbers"
+    assert again.stdout.splitlines()[-2:] == [last_line, f"report: {root / 'results' / 'report.md'}"], \
+        "an up-to-date run still ends with its numbers, then the report's path"
 
 
 def test_an_option_no_step_knows_stops_the_run_before_any_step(tiny_run):
@@ -204,7 +205,7 @@ def test_a_step_added_through_the_registry_alone_runs_in_bash_run(tiny_run, tmp_
     env = {"CAUSE_EXTRA_STEPS": "toy_steps", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     listed = subprocess.run(["bash", str(ROOT / "run"), "--help"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHON": sys.executable, **env}, timeout=120)
-    assert "toy]" in next(line for line in listed.stdout.splitlines() if line.strip().startswith("--seed"))
+    assert "toy]" in next(line for line in listed.stdout.splitlines() if line.strip().startswith("--seed "))
     done = run_chain(root, data_dir, ckpt, "tr", "--toy.seed", "5", env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("skipping") == 5, "the chain's own steps are up to date"

@@ -121,7 +121,10 @@ def test_backbone_mode_on_potsdam_caches_reuses_and_repairs_its_masks(setup, tmp
         assert 0 <= metrics[variant]["mIoU"] <= 100 and len(metrics[variant]["per_class_iou"]) == 3, variant
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"mIoU: {metrics['crf']['mIoU']:.1f} pAcc: {metrics['crf']['pAcc']:.1f}"
-    assert len(list(results.rglob("*.png"))) == 2 * 5, "image, label, raw, crf and matched pictures of 2 images"
+    assert len(list(results.glob("*/*.png"))) == 2 * 5, "image, label, raw, crf and matched pictures of 2 images"
+    assert sorted(path.name for path in results.glob("*.png")) == sorted(
+        f"{prefix}{figure}.png" for prefix in ("", "theta_r_", "init_") for figure in ("confusion", "per_class_iou")), \
+        "the figures of θ_M, θ_R and the initial prototypes"
     assert metrics["upstream"]["primaps"]["fingerprint"].startswith("sha256:")
 
     # A mask cut short is found and computed again, the others are reused; the same seed gives the same

@@ -13,6 +13,10 @@ to every step that has an --epochs option, shared options (--dataset, --data_dir
 before any step starts. The environment gives defaults: DATASET, HEAD, CKPT, DATA_DIR, GPU.
 Each step skips work whose output is up to date and resumes an interrupted one (README).
 The demo ends by segmenting a few of its images with predict.py, as a user would their own.
+
+`--seeds 0,1,2` runs the chain once per seed, each seed's files apart (ROOT/seed_S under the output,
+results and logs roots), then prints each figure's mean ± standard deviation over the seeds. A run ends
+by writing the report of every evaluation under the results root (report.py) and printing its path.
 """
 import json
 import os
@@ -127,7 +131,9 @@ def usage():
              "  demo                 run on the embedded demo data (default when no data is configured)",
              f"  --head {{{','.join(HEADS)}}}       the segmentation head (default tr; PriMaPs' too)",
              "  --primaps            PriMaPs-EM (train_primaps.py, test_primaps.py) in its --mode, after the steps "
-             "that mode needs, and the results side by side", "",
+             "that mode needs, and the results side by side",
+             "  --seeds S,S,...      the chain once per seed, each apart (ROOT/seed_S), then mean ± std over the seeds",
+             "",
              "step options (--NAME for every step that has it, --STEP.NAME for one):"]
     takes = known_options(steps)
     for option in OPTIONS.values():
@@ -145,11 +151,15 @@ def command(step, head, argv):
     return [step.script.format(head=head), *argv]
 
 
-def main(argv=None):
+def main(argv=None, seed=None, chains=None):
+    """`bash run`; run_seeds calls it once per seed (`seed`), collecting each chain's evaluations in `chains`."""
     tokens = list(sys.argv[1:] if argv is None else argv)
     if "--help" in tokens or "-h" in tokens:
         print(usage())
         return 0
+    seeds, tokens = split_seeds(tokens)
+    if seeds is not None:
+        return run_seeds(seeds, tokens)
     demo = bool(tokens) and tokens[0] == "demo"
     if demo:
         tokens = tokens[1:]
@@ -174,13 +184,13 @@ def main(argv=None):
         data_dir, ckpt, options = prepare(ROOT / "demo")
         defaults = [*options, f"--data_dir={data_dir}", f"--ckpt={ckpt}", "--dataset=cocostuff27"]
         # predict.py takes the options it shares with the steps as the steps do (the model's sizes).
-        routed = route(defaults + rest, {**known, "predict": set(PREDICT)})
+        routed = route(seeded(defaults + rest, seed), {**known, "predict": set(PREDICT)})
         model = "cause" if mode == "cause" else "primaps"  # the CAUSE steps ran only in cause mode
         predict_argv = routed.pop("predict") + predict_arguments(ROOT / "demo", head, model)
         parse_options(predict_argv)
         last.append(["predict.py", *predict_argv])
     else:
-        routed = route(defaults + rest, known)
+        routed = route(seeded(defaults + rest, seed), known)
     for step in steps:
         if step.head == "option":
             routed[step.name] = ["--head", head, *routed[step.name]]
@@ -191,6 +201,7 @@ def main(argv=None):
         done = subprocess.run([sys.executable, *line], cwd=ROOT)
         if done.returncode:
             return done.returncode
+    finish(steps, configs, chains)
     if primaps:
         print_side_by_side(configs)
     return 0
@@ -219,6 +230,122 @@ def print_side_by_side(configs):
     width = max(len(row[0]) for row in rows)
     for name, result, how in rows:
         print(f"{name:<{width}}  mIoU {result['mIoU']:.1f}  pAcc {result['pAcc']:.1f}  ({how})")
+
+
+# The folders each seed of --seeds gets its own of: ROOT/seed_S.
+SEED_ROOTS = ("output_root", "results_root", "logs_root")
+
+
+def split_seeds(tokens):
+    """(the seeds --seeds names, in order, or None without it; the other tokens)."""
+    seeds, rest = None, []
+    i = 0
+    while i < len(tokens):
+        name, has_value, value = tokens[i].partition("=")
+        if name != "--seeds":
+            rest.append(tokens[i])
+            i += 1
+            continue
+        if not has_value:
+            if i + 1 >= len(tokens):
+                raise PipelineError("--seeds needs a value: the seeds, comma-separated (--seeds 0,1,2)")
+            value = tokens[i + 1]
+            i += 1
+        i += 1
+        try:
+            seeds = [int(seed) for seed in value.split(",")]
+        except ValueError:
+            raise PipelineError(f"--seeds takes whole numbers, comma-separated (--seeds 0,1,2), got {value!r}") \
+                from None
+        if len(set(seeds)) != len(seeds):
+            raise PipelineError(f"--seeds names a seed twice: {value}")
+    return seeds, rest
+
+
+def seeded(tokens, seed):
+    """The option tokens of one seed's chain: --seed SEED, and each of SEED_ROOTS (the one given, else its
+    default) with seed_SEED under it. `seed` None: the tokens as they are."""
+    if seed is None:
+        return tokens
+    roots = {name: str(OPTIONS[name].default) for name in SEED_ROOTS}
+    kept = []
+    i = 0
+    while i < len(tokens):
+        if not tokens[i].startswith("--"):  # a value
+            kept.append(tokens[i])
+            i += 1
+            continue
+        name, has_value, value = tokens[i][2:].partition("=")
+        _, dot, option = name.rpartition(".")
+        if option == "seed" or (dot and option in SEED_ROOTS):
+            raise PipelineError(f"--{name}: --seeds sets each chain's --seed and its folders (ROOT/seed_S); give "
+                                f"the roots to every step (--{option}), and no --seed")
+        if option not in SEED_ROOTS:
+            kept.append(tokens[i])
+            i += 1
+            continue
+        if not has_value:
+            if i + 1 >= len(tokens):
+                raise PipelineError(f"--{name} needs a value")
+            value = tokens[i + 1]
+            i += 1
+        roots[option] = value
+        i += 1
+    return [*kept, *(f"--{name}={Path(root) / f'seed_{seed}'}" for name, root in roots.items()), f"--seed={seed}"]
+
+
+def evaluations(steps, configs):
+    """{metrics.json: its step's config} of each evaluation of the chain, in its order."""
+    found = {}
+    for step in steps:
+        outputs = step.outputs(paths_of(configs[step.name]))
+        if outputs and Path(outputs[0]).name == "metrics.json":
+            found[Path(outputs[0])] = configs[step.name]
+    return found
+
+
+def finish(steps, configs, chains):
+    """The end of a chain: the report of every evaluation under the results root of its evaluations, its
+    path printed; a chain of --seeds instead hands that root's parent and its metrics.json files to run_seeds."""
+    found = evaluations(steps, configs)
+    if not found:
+        return
+    results_root = Path(list(found.values())[-1].results_root)
+    if chains is not None:
+        chains.append((results_root.parent, list(found)))
+        return
+    from utils.tools.report import write_report
+    md_path, _ = write_report(results_root)
+    print(f"report: {md_path}")
+
+
+def run_seeds(seeds, tokens):
+    """The chain once per seed, then each evaluation's figures over the seeds, and the report over all."""
+    chains = []
+    for seed in seeds:
+        print(f"=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===", flush=True)
+        code = main(tokens, seed, chains)
+        if code:
+            return code
+    if chains:  # a chain with an evaluation
+        print_over_seeds(seeds, chains)
+        from utils.tools.report import write_report
+        md_path, _ = write_report(chains[0][0])
+        print(f"report: {md_path}")
+    return 0
+
+
+def print_over_seeds(seeds, chains):
+    """Each evaluation's figures over the seeds: mean ± standard deviation (n − 1), and n."""
+    from utils.tools.report import format_mean_std
+    print(f"over seeds {', '.join(map(str, seeds))} (n = {len(seeds)}), mean ± std:")
+    for files in zip(*(chain_files for _, chain_files in chains), strict=True):
+        reports = [json.loads(path.read_text()) for path in files]
+        print(f"{files[0].relative_to(chains[0][0] / f'seed_{seeds[0]}').parent}:")
+        for variant in reports[0]["variants"]:
+            figures = "  ".join(f"{figure} {format_mean_std([report[variant][figure] for report in reports], 2)}"
+                                for figure in ("mIoU", "pAcc"))
+            print(f"  {variant:<24} {figures}  (n = {len(reports)})")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ what made them (its own identity and the records of the artifacts it read), and 
 import json
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
-from loader import DATASETS
+from loader import DATASETS, class_names
 from modules.crf import crf_pool, dense_crf_batch
 from modules.features import head_features, upsample
 from modules.grid import map_to_tokens
@@ -16,10 +17,12 @@ from modules.metrics import MatchedMetrics
 from modules.probe import crf_log_probs
 from utils.engine.loop import progress, validation_loader
 from utils.engine.optim import Precision
+from utils.engine.protocols import protocols_of
 from utils.engine.status import step_record
 from utils.engine.trained import cause_modules
-from utils.runtime.io import save_text
-from utils.runtime.pictures import colorize, prediction_pictures, save_pictures
+from utils.runtime.io import save_png, save_text
+from utils.runtime.pictures import (colorize, confusion_figure, figure_rgb, per_class_iou_figure, prediction_pictures,
+                                    save_pictures)
 
 # The figure the paper's tables report, and the others metrics.json holds beside it.
 VARIANTS = {
@@ -86,10 +89,48 @@ def save_report(ctx, path, results, probe, variants, **description):
         "variants": variants,
         "cluster_to_class": results["crf"]["assignment"].tolist(),
         "linear_probe_pixel_accuracy_uses_labels": probe["Acc"], "linear_probe_mIoU_uses_labels": probe["mIoU"],
+        "evaluation_protocols": protocols_of(ctx.cfg, variants),
         **step_record(ctx, None), "upstream": ctx.upstream,
     }
+    save_figures(ctx.cfg, path.parent, results)
     save_text(json.dumps(report, indent=2, default=str), path)
     return report
+
+
+def figure_pairs(variants):
+    """{prefix: (variant after the CRF, the same without)} of the variants that come in such a pair
+    ("": crf and no_crf, the headline; "theta_r_": theta_r_crf and theta_r_no_crf; ...)."""
+    return {name[:-len("crf")]: (name, name[:-len("crf")] + "no_crf") for name in variants
+            if name.endswith("crf") and not name.endswith("no_crf") and name[:-len("crf")] + "no_crf" in variants}
+
+
+def evaluation_figures(cfg, results):
+    """{file stem: figure} of an evaluation, for each pair of variants with and without the CRF
+    (figure_pairs; the headline's without a prefix): {prefix}per_class_iou (each class's IoU after the
+    matching, with and without the CRF) and {prefix}confusion (the matched confusion matrix after the CRF,
+    rows normalised)."""
+    names = class_names(cfg.dataset)
+    figures = {}
+    for prefix, (crf, no_crf) in figure_pairs(results).items():
+        title = " ".join([cfg.dataset, cfg.step, *([cfg.head] if cfg.head else []), prefix.rstrip("_")]).strip()
+        ious = {"after the CRF": results[crf]["per_class_iou"], "without the CRF": results[no_crf]["per_class_iou"]}
+        figures[f"{prefix}per_class_iou"] = per_class_iou_figure(names, ious, f"IoU per class: {title}")
+        figures[f"{prefix}confusion"] = confusion_figure(names, results[crf]["confusion"],
+                                                         f"Confusion after the matching and the CRF: {title}")
+    return figures
+
+
+def save_figures(cfg, folder, results):
+    """The evaluation's figures (evaluation_figures) as PNGs beside its metrics.json, and as images in
+    TensorBoard, under the folder's tensorboard/."""
+    writer = SummaryWriter(str(folder / "tensorboard"))
+    try:
+        for name, figure in evaluation_figures(cfg, results).items():
+            picture = figure_rgb(figure)
+            save_png(picture, folder / f"{name}.png")
+            writer.add_image(f"{cfg.step}/{name}", picture, dataformats="HWC")
+    finally:
+        writer.close()
 
 
 def print_variants(label, report):
