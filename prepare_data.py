@@ -1,4 +1,4 @@
-"""Make a data set's layout from the archives its authors publish, check it, then crop (README, First real run)."""
+"""Make a data set's layout from the archives its authors publish, check it, then crop (docs/data.md)."""
 from utils.cli.steps import guarded
 
 if __name__ == "__main__":

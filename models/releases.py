@@ -3,7 +3,7 @@ to request it.
 
 The addresses are the ones the authors' READMEs link (facebookresearch/dino README and hubconf.py,
 facebookresearch/dinov2 README and dinov2/hub/backbones.py, bytedance/ibot README, facebookresearch/msn
-README, facebookresearch/mae README), for the weights the README's "Checkpoints" table names: the
+README, facebookresearch/mae README), for the weights docs/backbones.md's "Checkpoints" table names: the
 backbone-only files (DINO, DINOv2 with and without registers, MAE), iBOT's teacher backbone, MSN's full
 checkpoint (its target encoder is read). The stand-in archs (`dino_vit_tiny_*`) have no release and no
 entry here.

@@ -55,7 +55,7 @@ def pca_start(ctx, features, dataset):
     batches of the first epoch's order, [K, C], on rank 0 (others: None). Each process computes its
     rows of a batch; rank 0 gathers them in batch order, so under the paper recipe the result does not
     depend on the process count (docs/primaps.md §2 (a)); under the scaled one rank 0 reads its own
-    batches. It holds every feature at once (README: memory)."""
+    batches. It holds every feature at once (docs/primaps_usage.md, "Memory of the initial PCA")."""
     cfg, recipe = ctx.cfg, ctx.recipe
     loader, sampler = training_data(ctx, cfg.train_resolution, dataset)
     sampler.set_epoch(0)

@@ -3,7 +3,7 @@
 The released CAUSE models come from 4 GPUs that each trained alone on rank 0..3's quarter of the
 crops, batch 16, lr 1e-3 × 4; only rank 0's was kept. PriMaPs trained on one GPU (batch 32, lr 5e-3,
 every image each epoch). A step's registry entry says how many GPUs its paper run had
-(`Step.paper_gpus`); README, "Reproduce a table row", explains both recipes.
+(`Step.paper_gpus`); docs/runs.md, "Recipes", explains both.
 """
 from dataclasses import dataclass
 from types import MappingProxyType
