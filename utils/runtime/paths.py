@@ -94,7 +94,7 @@ class ArtifactPaths:
 
     @property
     def fingerprint_cache(self):
-        """Content hashes of the files runs have read, by path, size and modification time."""
+        """Content hashes of the files runs have read, kept while a file's size, modification and change times stay."""
         return Path(self.root) / ".fingerprints.json"
 
     def primaps_masks(self, name):
