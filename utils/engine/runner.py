@@ -6,7 +6,8 @@ layout, the earlier artifacts, with the command that makes a missing one), holds
 (another live process on the same artifacts stops this one at once: utils/runtime/locks.py),
 fingerprints the inputs, decides from the record beside the step's artifact whether it is already
 done (utils/engine/status.py), decodes every val file, and launches `engine.work(ctx)` with the
-step's StepContext.
+step's StepContext. An engine whose data fingerprint must cover its files' modification times says so
+with `TIMED_SOURCES = True` (the crop step).
 """
 import uuid
 from contextlib import nullcontext
@@ -52,7 +53,9 @@ class StepContext:
 
 
 def run_files(cfg, outputs):
-    return RunFiles(outputs[0], STEPS[cfg.step].run_name(cfg.head), cfg.output_root, cfg.logs_root)
+    """Its resume state, lock and logs; a step that keeps no logs (no --logs_root) has only the lock that matters."""
+    return RunFiles(outputs[0], STEPS[cfg.step].run_name(cfg.head), getattr(cfg, "output_root", None),
+                    getattr(cfg, "logs_root", None))
 
 
 def run_step(cfg, engine):
@@ -78,8 +81,8 @@ def run_step(cfg, engine):
     with exclusive(files.lock, f"{label} ({outputs[0]})") if torchrun_rank() == 0 else nullcontext():
         listed = {split: data_files(cfg, split) for split in step.data}
         upstream = upstream_inputs(cfg, paths, fingerprints)
-        warnings = check_complete(upstream, cfg.accept_partial)
-        found = identity(cfg, recipe, fingerprints, listed, upstream)
+        warnings = check_complete(upstream, getattr(cfg, "accept_partial", False))
+        found = identity(cfg, recipe, fingerprints, listed, upstream, getattr(engine, "TIMED_SOURCES", False))
         if not decide_to_run(cfg, label, outputs, files, found, fingerprints):
             _keep(fingerprints)
             return _show(engine, cfg, paths)

@@ -9,7 +9,6 @@ identity and its artifacts are what that run wrote; otherwise it says what chang
 made with the same settings (utils/engine/resume.py).
 """
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from loader import split_files
@@ -49,7 +48,7 @@ def with_backbone_file(cfg):
     if not found.is_file():
         raise CheckpointError(f"backbone checkpoint {found} does not exist: pass --ckpt an arch name (e.g. "
                               f"--ckpt dino_vit_base_8) for its authors' release, or the path of a release file")
-    return replace(cfg, ckpt=found)
+    return cfg.replace(ckpt=found)
 
 
 def upstream_inputs(cfg, paths, fingerprints):
@@ -77,13 +76,14 @@ def data_files(cfg, split):
     return images + labels
 
 
-def identity(cfg, recipe, fingerprints, files, upstream):
-    """Everything the step's result depends on (see the module's doc); `files`: {split: data files}."""
+def identity(cfg, recipe, fingerprints, files, upstream, timed=False):
+    """Everything the step's result depends on (see the module's doc); `files`: {split: data files}, whose
+    fingerprints also cover their modification times where `timed` (the crop step's sources)."""
     step = STEPS[cfg.step]
     resize = {split: step.resize[split] for split in step.data}
     found = {"settings": {**result_settings(cfg), **(recipe.settings() if recipe else {}),
                           **({"resize": resize} if resize else {})},
-             "data": {split: fingerprints.file_list(listed, cfg.data_dir, timed=step.timed_sources)
+             "data": {split: fingerprints.file_list(listed, cfg.data_dir, timed=timed)
                       for split, listed in files.items()},
              "upstream": {name: identity_of(entry) for name, entry in upstream.items()}}
     if uses_backbone(cfg):
@@ -104,7 +104,7 @@ def released(cfg, label, outputs):
     (a released file, or one made by another program, such as STEGO's crops): it is used as it is,
     whatever its inputs (they need not exist)."""
     main = Path(outputs[0])
-    if cfg.restart or not main.exists() or read_record(main) is not None:
+    if getattr(cfg, "restart", False) or not main.exists() or read_record(main) is not None:
         return False
     say(f"[{label}] {main} exists without a record of how it was made (a released file, or made by another "
         f"program): skipping the step and using it as it is. Pass --restart to make it again.")
@@ -116,7 +116,7 @@ def decide_to_run(cfg, label, outputs, files, found, fingerprints):
     RunFiles (its resume state), `found`: its identity now."""
     main = Path(outputs[0])
     saved = resume.describe(files) if STEPS[cfg.step].trains else None
-    if cfg.restart:
+    if getattr(cfg, "restart", False):
         resume.discard(files)
         return True
     if saved is not None:
@@ -161,7 +161,7 @@ def _changed_inputs(old, new):
 
 def _stale(cfg, label, what, changed):
     message = f"[{label}] {what} was made from other inputs or settings: {'; '.join(changed)}"
-    if cfg.if_changed == "refuse":
+    if getattr(cfg, "if_changed", "rerun") == "refuse":
         raise StaleInputError(message + ". Rerun without --if_changed refuse to make it again.")
     say(message + "; running the step again.")
 
