@@ -18,6 +18,7 @@ from utils.runtime.distributed import torchrun_rank
 from utils.engine import resume
 from utils.runtime.backbone_files import backbone_file
 from utils.runtime.download import downloaded
+from utils.runtime.options import OPTIONS
 from utils.runtime.records import (FingerprintCache, StaleInputError, differences, identity_of, now, project_version,
                                    read_record, upstream_entry, write_record)
 from utils.runtime.steps import STEPS, command_of
@@ -44,7 +45,8 @@ def fingerprint_cache(cfg):
 def with_backbone_file(cfg):
     """`cfg` with --ckpt turned into the backbone file it names: a path as it is, an arch's release found
     or downloaded (utils/runtime/backbone_files.py); a missing file stops the step."""
-    found = backbone_file(cfg.ckpt, cfg.cache_dir, progress=torchrun_rank() == 0).path
+    cache_dir = getattr(cfg, "cache_dir", OPTIONS["cache_dir"].default)  # a step without --cache_dir: the default
+    found = backbone_file(cfg.ckpt, cache_dir, progress=torchrun_rank() == 0).path
     if not found.is_file():
         raise CheckpointError(f"backbone checkpoint {found} does not exist: pass --ckpt an arch name (e.g. "
                               f"--ckpt dino_vit_base_8) for its authors' release, or the path of a release file")

@@ -161,7 +161,8 @@ _OPTIONS = (
                                    "forward pass"), refused=POSITIVE),
     Option("lr", "training", dict(
         type=float, default=1e-3, help="base learning rate of one official GPU; the paper recipe multiplies "
-                                       "it by 4, the scaled one by the number of processes"), refused=positive_finite),
+                                       "it by 4, the scaled one by the number of processes"),
+        refused=positive_finite),
     Option("max_steps", "training", dict(
         type=int, default=None, help="stop each epoch after this many batches (smoke runs; recorded, so a "
                                      "later full run does not take the result for complete)"), refused=POSITIVE),
@@ -171,9 +172,11 @@ _OPTIONS = (
         help=f"{RESOLUTION_HELP}; the MLP head's front door and fine-tuning train at 224"), refused=resolution),
     Option("test_resolution", "training", dict(
         type=int, default=None,
-        help=f"{RESOLUTION_HELP}; with the TR head, the --train_resolution it was trained at (its queries are that "
-             f"grid's tokens: another is refused); predict.py's window size"), refused=resolution),
+        help=f"{RESOLUTION_HELP}, and with the TR head its --train_resolution (its queries are the tokens of the "
+             f"grid it was trained at: another test resolution is refused); predict.py's window size"),
+        refused=resolution),
     Option("seed", "training", dict(type=int, default=0, help="seed of every random draw")),
+    # processes
     Option("precision", "processes", dict(
         default="auto", choices=PRECISIONS,
         help="autocast precision; auto: fp16 with loss scaling on GPU (as the official CAUSE code), fp32 on CPU")),
