@@ -120,6 +120,7 @@ PCA_BATCHES = Option("pca_batches", "PriMaPs", dict(
 
 
 def _epochs(values, head):
+    """Its epochs come from --init_epochs: in train_primaps.py, which runs it first, --epochs are the EM stage's."""
     return values["init_epochs"] if values["init_epochs"] is not None else INIT_EPOCHS
 
 

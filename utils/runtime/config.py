@@ -72,12 +72,6 @@ class Config:
     def replace(self, **changes):
         return Config(**{**vars(self), **changes})
 
-    def __eq__(self, other):
-        return isinstance(other, Config) and vars(self) == vars(other)
-
-    def __hash__(self):
-        return hash(tuple(sorted(vars(self).items())))
-
     def __repr__(self):
         return f"Config({', '.join(f'{name}={value!r}' for name, value in vars(self).items())})"
 
