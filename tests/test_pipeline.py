@@ -177,24 +177,30 @@ def test_run_with_primaps_adds_its_steps_in_cause_mode_and_prints_both_results(t
 
 
 TOY = '''
-"""A toy step, added as a project built on this one adds one: an engine and one registry entry."""
+"""A toy step, added as a project built on this one adds one: an engine and one registry entry, with an
+option of its own."""
 import json
 
 from utils.engine.status import write_artifact_records
 from utils.runtime.io import save_text
+from utils.runtime.options import Option
 from utils.runtime.steps import Step, Upstream, register
 
 
 def work(ctx):
     made = ctx.paths.head_dir / "toy.txt"
-    save_text(json.dumps({"seed": ctx.cfg.seed, "cluster": ctx.upstream["cluster"]["fingerprint"]}), made)
+    save_text(json.dumps({"seed": ctx.cfg.seed, "rounds": ctx.cfg.toy_rounds,
+                          "cluster": ctx.upstream["cluster"]["fingerprint"]}), made)
     write_artifact_records(ctx, [made])
     print(f"[toy] made {made}")
 
 
 register(Step(
-    "toy", "toy_steps", None, ("dataset", "data_dir", "ckpt", "arch", "output_root", "num_codebook", "seed"),
-    lambda paths: [paths.head_dir / "toy.txt"], lambda cfg, paths: {"cluster": Upstream(paths.cluster, "fine_tune")},
+    name="toy", engine="toy_steps", script=None,
+    options=("dataset", "data_dir", "ckpt", "arch", "output_root", "num_codebook", "seed",
+             Option("toy_rounds", "toy", dict(type=int, default=1, help="rounds the toy plays"))),
+    outputs=lambda paths: [paths.head_dir / "toy.txt"],
+    upstream=lambda cfg, paths: {"cluster": Upstream(paths.cluster, "fine_tune")},
     head="script", pipeline="cause", description="a toy step after the test step"))
 '''
 
@@ -205,14 +211,18 @@ def test_a_step_added_through_the_registry_alone_runs_in_bash_run(tiny_run, tmp_
     env = {"CAUSE_EXTRA_STEPS": "toy_steps", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     listed = subprocess.run(["bash", str(ROOT / "run"), "--help"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHON": sys.executable, **env}, timeout=120)
-    assert "toy]" in next(line for line in listed.stdout.splitlines() if line.strip().startswith("--seed "))
-    done = run_chain(root, data_dir, ckpt, "tr", "--toy.seed", "5", env=env)
+    seed = next(line for line in listed.stdout.splitlines() if line.strip().startswith("--seed"))
+    assert "toy" in seed[seed.index("[") + 1:seed.index("]")].split(", ")
+    assert "[toy] rounds the toy plays" in next(line for line in listed.stdout.splitlines()
+                                                if line.strip().startswith("--toy_rounds"))
+    done = run_chain(root, data_dir, ckpt, "tr", "--toy.seed", "5", "--toy.toy_rounds", "3", env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("skipping") == 5, "the chain's own steps are up to date"
-    assert "+ python -m utils.cli.steps toy --head tr" in done.stdout and "--seed 5" in done.stdout
+    assert "+ python -m utils.cli.steps toy --head tr" in done.stdout and "--seed 5 --toy_rounds 3" in done.stdout
     made = root / "CAUSE/cocostuff27/dino_vit_tiny_8/16/toy.txt"
     record = json.loads(made.with_suffix(".json").read_text())
     assert json.loads(made.read_text())["seed"] == 5 and record["identity"]["settings"]["seed"] == 5
+    assert json.loads(made.read_text())["rounds"] == 3 and record["identity"]["settings"]["toy_rounds"] == 3
     assert record["upstream"]["cluster"]["produced_by"] == "fine_tuning_tr.py"
     # Its own command, as the chain printed it, now finds it up to date too.
     toy = next(line for line in done.stdout.splitlines() if line.startswith("+ python -m utils.cli.steps toy"))

@@ -14,7 +14,7 @@ from steps import make_tiny_setup, run_step, step_args
 
 from utils.engine import status
 from utils.engine.runner import run_files
-from utils.runtime.config import make_config, result_settings
+from utils.runtime.config import ConfigError, make_config, result_settings
 from utils.runtime.locks import BusyError, exclusive
 from utils.runtime.options import OPTIONS, PRIMAPS_MODES
 from utils.runtime.recipe import recipe_for
@@ -84,21 +84,27 @@ def decision(base, changed, tmp_path):
 def cases():
     for step in STEPS.values():
         for mode in PRIMAPS_MODES if "mode" in step.options else (None,):
-            yield pytest.param(step.name, mode, id=f"{step.name}-{mode}" if mode else step.name)
+            for head in ("tr", "mlp") if step.head == "script" else (None,):
+                yield pytest.param(step.name, mode, head, id="-".join(filter(None, (step.name, mode, head))))
 
 
-@pytest.mark.parametrize("name,mode", cases())
-def test_every_result_changing_option_reruns_its_step_and_no_other_does(name, mode, backbone_file, sota_files,
+@pytest.mark.parametrize("name,mode,head", cases())
+def test_every_result_changing_option_reruns_its_step_and_no_other_does(name, mode, head, backbone_file, sota_files,
                                                                          tmp_path, capsys):
     step = STEPS[name]
-    head = "tr" if step.head == "script" else None
     given = {"ckpt": backbone_file, "data_dir": tmp_path, "sota_ckpt": sota_files["hp" if mode == "hp" else "stego"],
              **({"mode": mode} if mode else {})}
     base = make_config(step, head, given)
-    given["sota_options"] = base.sota_options  # found beside HP's file: given, when the file moves elsewhere
+    # HP's option.json, found beside its file: given, when the file moves elsewhere.
+    given["sota_options"] = getattr(base, "sota_options", None)
     reruns, neutral = [], []
+    # The TR head reads its training grid's tokens: a test resolution of its own is refused, not a new identity.
+    refused = {"test_resolution"} if base.head == "tr" and "test_resolution" in step.options else set()
+    for option in refused:
+        with pytest.raises(ConfigError, match="the TR head is built for the tokens of its training grid"):
+            make_config(step, head, {**given, option: other_value(option, getattr(base, option))})
     for option in step.options:
-        if option in step.fixed or (OPTIONS[option].kwargs.get("type") is Path and getattr(base, option) is None):
+        if option in refused or (OPTIONS[option].kwargs.get("type") is Path and getattr(base, option) is None):
             continue  # a path the step does not use here (the ViT inside a released file, no HP options)
         value = other_value(option, getattr(base, option) if option != "head" else "tr")
         if option in FILES:  # the same file elsewhere: its content is what counts
@@ -111,9 +117,10 @@ def test_every_result_changing_option_reruns_its_step_and_no_other_does(name, mo
             neutral.append(option)
     capsys.readouterr()
     unused = set(step.unused(vars(base) | {"mode": mode}))
-    expected = {o for o in step.options if OPTIONS[o].changes_result and o not in step.neutral and o not in unused}
+    expected = {o for o in step.options
+                if OPTIONS[o].changes_result and o not in step.neutral and o not in unused and o not in refused}
     # --restart redoes the step whatever its inputs; --if_changed refuse stops where it would rerun.
-    assert set(reruns) == expected | {"restart"} - set(step.fixed), (name, mode)
+    assert set(reruns) == expected | {"restart"}, (name, mode)
     assert {"num_workers", "data_dir"} <= set(neutral)
     if step.trains:
         assert {"port", "logs_root", "nproc", "gpu", "ckpt"} - unused <= set(neutral)

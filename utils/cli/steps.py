@@ -28,8 +28,8 @@ def run(name, head=None, argv=None):
     """Run step `name` (its script's head `head`) from its script's command line `argv`."""
     step = STEPS[name]
     given = vars(build_parser(step).parse_args(argv))
-    for first in step.runs_first:
-        if STEPS[first].when(given):
+    for first, needed in step.runs_first.items():
+        if needed(given):
             run_step(make_config(STEPS[first], None, given), engine_of(STEPS[first]))
     return run_step(make_config(step, head, given), engine_of(step))
 

@@ -5,8 +5,9 @@
     predict.py (predictors.py: the models it segments with)               a user's own images
     prepare_data.py                    a data set's layout from its published archives, before the crop step
 
-Each step's engine has `work(ctx)` (and an evaluation `show_result(cfg, paths)`); its entry in the
-registry (utils/runtime/steps.py) names it. What they share, by job:
+Each step's engine has `work(ctx)` (and an evaluation `show_result(cfg, paths)`) and registers its step
+(utils/runtime/steps.py), declaring in that entry the options it alone takes. Importing this package
+registers the built-in steps, CAUSE's chain first. What they share, by job:
 
     runner.py   run_step: inputs, the lock, "already done", launch in every process
     status.py   a step's identity, the "already done" decision, the records beside its artifacts
@@ -15,3 +16,6 @@ registry (utils/runtime/steps.py) names it. What they share, by job:
     optim.py    precision and the optimiser step
     trained.py  trained models loaded from explicit files (CAUSE's modules, PriMaPs-EM's)
 """
+# In CAUSE's chain's order: a chain runs its steps in the order they are registered.
+from utils.engine import crop, mediator, front_door, fine_tune, evaluate  # noqa: F401
+from utils.engine import primaps_init, evaluate_sota, primaps, evaluate_primaps  # noqa: F401

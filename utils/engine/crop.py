@@ -21,7 +21,7 @@ from utils.runtime.config import make_config
 from utils.runtime.io import owned_sibling, remove_abandoned_siblings
 from utils.runtime.paths import paths_of
 from utils.runtime.records import FingerprintCache, write_record
-from utils.runtime.steps import STEPS
+from utils.runtime.steps import DATA, STEPS, Step, register
 
 
 def _replace_dir(staging, target):
@@ -77,3 +77,12 @@ def write_cropped_dataset(name, data_dir, num_workers=0):
     cfg = make_config(STEPS["crop"], None, {"dataset": name, "data_dir": Path(data_dir), "num_workers": num_workers})
     run_step(cfg, sys.modules[__name__])
     return paths_of(cfg).crops
+
+
+def _crops(paths):
+    return [paths.crops] if paths.crops is not None else []
+
+
+register(Step(
+    name="crop", engine=__name__, script="crop_dataset.py", options=(*DATA, "restart"), outputs=_crops,
+    data=("train",), train_set="images", pipeline="cause", description="the cropped training set (docs/cause.md §2)"))

@@ -23,6 +23,8 @@ from utils.engine.trained import cause_modules
 from utils.runtime.io import save_png, save_text
 from utils.runtime.pictures import (colorize, confusion_figure, figure_rgb, per_class_iou_figure, prediction_pictures,
                                     save_pictures)
+from utils.runtime.records import read_record
+from utils.runtime.steps import DATA, EVALUATION, HEAD_MODEL, MODEL, Step, Upstream, register
 
 # The figure the paper's tables report, and the others metrics.json holds beside it.
 VARIANTS = {
@@ -196,3 +198,19 @@ def print_report(cfg, paths, report):
 def show_result(cfg, paths):
     """An up-to-date test step still ends with its result's numbers."""
     return reprinted(print_report, cfg, paths, paths.metrics)
+
+
+def test_upstream(cfg, paths):
+    """The modules the CAUSE test step evaluates: the segment module the cluster probe was fitted with
+    (fine-tuning's own file when the probe was trained here, the front door's for a released one)."""
+    fine_tuned = read_record(paths.cluster) is not None
+    return {"modular": Upstream(paths.modular, "mediator"),
+            "segment": Upstream(paths.fine_tuned_segment, "fine_tune") if fine_tuned
+            else Upstream(paths.segment, "front_door"),
+            "cluster": Upstream(paths.cluster, "fine_tune")}
+
+
+register(Step(
+    name="test", engine=__name__, script="test_{head}.py", options=(*DATA, *MODEL, *HEAD_MODEL, *EVALUATION),
+    outputs=lambda paths: [paths.metrics], upstream=test_upstream, data=("val",), head="script",
+    neutral=("batch_size",), pipeline="cause", description="prediction, CRF, metrics (docs/cause.md §6)"))

@@ -17,9 +17,10 @@ from modules.features import flip_averaged, upsample
 from utils.engine import evaluate
 from utils.engine.loop import validation_loader
 from utils.engine.optim import Precision
-from utils.engine.primaps import choices
+from utils.engine.primaps import PRIMAPS_PRECISION, choices, primaps_unused
 from utils.engine.status import uses_backbone
 from utils.engine.trained import evaluated_primaps
+from utils.runtime.steps import DATA, EVALUATION, HEAD_MODEL, MODEL, PRIMAPS_RESIZE, SOTA, Step, Upstream, register
 
 # The headline's variants keep the CAUSE test step's names, so both metrics.json read alike.
 VARIANTS = {
@@ -63,7 +64,7 @@ def work(ctx):
                                   mode=cfg.mode, head=cfg.head, backbone=cfg.arch,
                                   checkpoint=str(cfg.ckpt) if uses_backbone(cfg) else None,
                                   released_primaps=str(cfg.primaps_ckpt) if cfg.primaps_ckpt else None,
-                                  **choices(ctx))
+                                  **choices(ctx, cfg.mode))
     print_report(cfg, ctx.paths, report)
     return report
 
@@ -80,3 +81,19 @@ def print_report(cfg, paths, report):
 def show_result(cfg, paths):
     """An up-to-date test step still ends with its result's numbers."""
     return evaluate.reprinted(print_report, cfg, paths, paths.primaps_metrics)
+
+
+def _upstream(cfg, paths):
+    """The features' modules as PriMaPs-EM reads them, and its prototypes: trained here, or a released file."""
+    if cfg.primaps_ckpt is not None:
+        return {"primaps": Upstream(cfg.primaps_ckpt, None, "--primaps_ckpt")}
+    cause = evaluate.test_upstream(cfg, paths) if cfg.mode == "cause" else {}
+    return {**cause, "primaps": Upstream(paths.primaps, "primaps")}
+
+
+register(Step(
+    name="test_primaps", engine=__name__, script="test_primaps.py",
+    options=(*DATA, *MODEL, *HEAD_MODEL, *EVALUATION, "mode", "head", *SOTA, "primaps_ckpt"),
+    outputs=lambda paths: [paths.primaps_metrics], upstream=_upstream, data=("val",), head="option",
+    resize=PRIMAPS_RESIZE, unused=primaps_unused, neutral=("batch_size",), overrides={"precision": PRIMAPS_PRECISION},
+    pipeline="primaps", description="PriMaPs-EM's evaluation (docs/primaps.md §3)"))

@@ -23,7 +23,7 @@ from utils.engine import evaluate
 from utils.engine.loop import validation_loader
 from utils.engine.optim import Precision
 from utils.engine.trained import sota_model
-from utils.runtime.steps import PRIMAPS_RESIZE
+from utils.runtime.steps import DATA, EVALUATION, PRIMAPS_RESIZE, Step, register
 
 OWN = {
     "crf": "the method's own evaluation: the cluster probe (temperature 2) after the CRF, the figure its "
@@ -90,3 +90,17 @@ def print_report(cfg, paths, report):
 def show_result(cfg, paths):
     """An up-to-date evaluation still ends with its result's numbers."""
     return evaluate.reprinted(print_report, cfg, paths, paths.sota_metrics)
+
+
+SOTA_PRECISION = dict(default="fp32", help="autocast precision; default fp32, as STEGO's evaluation runs (HP's runs "
+                                            "its forward pass under fp16 autocast on a GPU: fp16 for that); "
+                                            "auto: fp16 on GPU, fp32 on CPU")
+
+
+register(Step(
+    name="test_sota", engine=__name__, script="test_sota.py",
+    options=(*DATA, "sota_ckpt", "sota_options", "output_root", "precision", "gpu", "batch_size",
+             "test_resolution", *EVALUATION),
+    outputs=lambda paths: [paths.sota_metrics], data=("val",), resize={"val": "nearest"},
+    neutral=("batch_size",), overrides={"precision": SOTA_PRECISION}, pipeline="sota",
+    description="a released STEGO or HP model, by its own evaluation and by PriMaPs-EM's (docs/sota.md §1-§2)"))

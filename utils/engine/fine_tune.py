@@ -23,7 +23,9 @@ from utils.engine.status import write_artifact_records
 from utils.runtime.artifacts import load_modular, load_state_strict
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
 from utils.runtime.io import save_torch
+from utils.runtime.options import Option
 from utils.runtime.recipe import CAUSE_OPTIMISATION
+from utils.runtime.steps import DATA, HEAD_MODEL, MLP_AT_224, MODEL, TRAINING, Step, Upstream, register
 
 
 def set_trainable(segment, label_leak):
@@ -122,3 +124,18 @@ def work(ctx):
 
     fit(ctx, training, cfg.train_resolution, save)
     return str(ctx.paths.cluster)
+
+
+LABEL_LEAK = Option("label_leak", "training", dict(
+    action="store_true",
+    help="let the labelled probe's loss train head_ema as the official code does (uses ground-truth labels; only "
+         "for comparing with the paper)"))
+
+register(Step(
+    name="fine_tune", engine=__name__, script="fine_tuning_{head}.py",
+    options=(*DATA, *MODEL, *HEAD_MODEL, *TRAINING, "epochs", "grid", LABEL_LEAK, "accept_partial"),
+    outputs=lambda paths: [paths.cluster, paths.fine_tuned_segment],
+    upstream=lambda cfg, paths: {"modular": Upstream(paths.modular, "mediator"),
+                                 "segment": Upstream(paths.segment, "front_door")},
+    data=("train", "val"), head="script", epochs={"tr": 5, "mlp": 1}, neutral=("test_resolution",),
+    trains_at=MLP_AT_224, paper_gpus=4, pipeline="cause", description="the cluster probe (docs/cause.md §5)"))

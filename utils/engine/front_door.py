@@ -18,6 +18,7 @@ from utils.runtime.artifacts import load_modular
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
 from utils.runtime.io import save_torch
 from utils.runtime.recipe import CAUSE_OPTIMISATION
+from utils.runtime.steps import DATA, HEAD_MODEL, MLP_AT_224, MODEL, TRAINING, Step, Upstream, register
 
 
 def student_teacher_tokens(segment, tokens, grid, random):
@@ -135,3 +136,11 @@ def work(ctx):
 
     fit(ctx, training, cfg.train_resolution, save)
     return str(ctx.paths.segment)
+
+
+register(Step(
+    name="front_door", engine=__name__, script="train_front_door_{head}.py",
+    options=(*DATA, *MODEL, *HEAD_MODEL, *TRAINING, "epochs", "grid", "accept_partial"),
+    outputs=lambda paths: [paths.segment], upstream=lambda cfg, paths: {"modular": Upstream(paths.modular, "mediator")},
+    data=("train", "val"), head="script", epochs=2, neutral=("test_resolution",), trains_at=MLP_AT_224, paper_gpus=4,
+    pipeline="cause", description="the segmentation head (docs/cause.md §4)"))

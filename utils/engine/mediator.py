@@ -9,6 +9,7 @@ from utils.engine.optim import Precision, optimizer_step
 from utils.engine.status import write_artifact_records
 from utils.runtime.distributed import BatchGroup, broadcast_parameters
 from utils.runtime.io import save_numpy
+from utils.runtime.steps import DATA, MODEL, TRAINING, Step, register
 
 
 class MediatorTraining(Training):
@@ -75,3 +76,9 @@ def work(ctx):
     if ctx.dist.is_main:
         print(f"[mediator] clusterbook saved to {ctx.paths.modular}")
     return str(ctx.paths.modular)
+
+
+register(Step(
+    name="mediator", engine=__name__, script="train_mediator.py", options=(*DATA, *MODEL, *TRAINING, "epochs", "grid"),
+    outputs=lambda paths: [paths.modular], data=("train",), epochs=1, paper_gpus=4, pipeline="cause",
+    description="the concept clusterbook (docs/cause.md §3)"))

@@ -22,6 +22,7 @@ from modules.primaps import (MASK_BACKBONE_HEADS, NO_MASK, PriMaPsModel, Prototy
                              mask_majority_labels)
 from modules.randomness import mixed_seed
 from modules.views import AugmentedViews
+from utils.engine.evaluate import test_upstream
 from utils.engine.loop import Training, fit, progress, training_set, validation_loader
 from utils.engine.optim import Precision, optimizer_step
 from utils.engine.primaps_masks import masks_name, prepare_masks
@@ -30,8 +31,10 @@ from utils.engine.trained import Features, feature_dim, mask_backbone, on_sota_m
 from utils.runtime.artifacts import load_state_strict
 from utils.runtime.distributed import BatchGroup, all_reduce_sum, broadcast_parameters
 from utils.runtime.io import save_torch
-from utils.runtime.options import SOTA_MODES
+from utils.runtime.options import SOTA_MODES, Option, fraction
 from utils.runtime.records import weights_fingerprint
+from utils.runtime.steps import (CAUSE_FEATURES, DATA, HEAD_MODEL, MODEL, PRIMAPS_RESIZE, SOTA, TRAINING, Step,
+                                 Upstream, register)
 
 FOCAL_GAMMA = 2.0
 MOMENTUM_EVERY = 10  # θ_M follows θ_R after the batches that 10, 20, ... batches preceded (momentum_update_due)
@@ -193,7 +196,7 @@ def work(ctx):
         kept = (f"the epoch with the best θ_M val mIoU (selected with the val labels): epoch {training.best['epoch']}"
                 if training.best is not None else "the last epoch")
         write_artifact_records(ctx, [ctx.paths.primaps], epochs_done,
-                               {"kept": kept, "pseudo_masks": str(mask_files[0].parent), **choices(ctx)})
+                               {"kept": kept, "pseudo_masks": str(mask_files[0].parent), **choices(ctx, cfg.mode)})
 
     fit(ctx, training, cfg.train_resolution, save, dataset=WithMasks(dataset, mask_files))
     if ctx.dist.is_main:
@@ -201,17 +204,17 @@ def work(ctx):
     return str(ctx.paths.primaps)
 
 
-def choices(ctx):
-    """The choices a PriMaPs-EM result depends on, said in words in its record (their values are in its
-    identity): what the features are, and how they were computed."""
+def choices(ctx, mode):
+    """The choices a PriMaPs-EM result of `mode` depends on, said in words in its record (their values are in
+    its identity): what the features are, and how they were computed."""
     cfg = ctx.cfg
-    features = {"cause": f"head_ema of CAUSE's {(cfg.head or '').upper()} segment module",
-                "backbone": f"the plain {cfg.arch} backbone's patch tokens",
-                "stego": f"the STEGO code of {cfg.sota_ckpt}" + (
+    features = {"cause": lambda: f"head_ema of CAUSE's {(cfg.head or '').upper()} segment module",
+                "backbone": lambda: f"the plain {cfg.arch} backbone's patch tokens",
+                "stego": lambda: f"the STEGO code of {cfg.sota_ckpt}" + (
                     ", its Dropout2d(0.1) active as in the official wrapper" if cfg.sota_dropout == "official"
                     else ", STEGO in eval mode"),
-                "hp": f"the online code of HP's {cfg.sota_ckpt}, in eval mode"}[cfg.mode]
-    return {"choices": {"mode": cfg.mode, "features": features, "precision": cfg.precision,
+                "hp": lambda: f"the online code of HP's {cfg.sota_ckpt}, in eval mode"}[mode]()
+    return {"choices": {"mode": mode, "features": features, "precision": cfg.precision,
                         "resize": ctx.step.resize, "drop_last": ctx.step.drop_last,
                         "masks_backbone": f"{cfg.arch}, DINO's {MASK_BACKBONE_HEADS}-head definition"}}
 
@@ -222,3 +225,61 @@ def initial_prototypes(ctx):
     probe = load_state_strict(Prototypes(cfg.dim, cfg.n_classes), init["file"], "PriMaPs initialisation",
                               init["produced_by"])
     return probe.weight_v.detach().reshape(cfg.n_classes, cfg.dim).to(ctx.device)
+
+
+THRESHOLD = Option("threshold", "PriMaPs", dict(
+    type=float, default=0.4, help="mask proposal threshold ψ: a proposal keeps the patches whose cosine to its "
+                                  "anchor reaches ψ times the best one"), refused=fraction)
+KEEP_BEST_ON_VAL = Option("keep_best_on_val", "PriMaPs", dict(
+    action="store_true",
+    help="keep the epoch whose θ_M scores the best val mIoU, as the official code does, instead of the last one: "
+         "this selects the model with the val labels"))
+# PriMaPs-EM's own defaults (its initialisation's and its evaluation's too).
+PRIMAPS_BATCH = dict(default=32, help="the global batch (paper recipe) or the batch per process (scaled); also the "
+                                      "images per forward pass of the masks")
+PRIMAPS_LR = dict(default=5e-3, help="Adam's learning rate of the prototypes, the linear probe and the k-means "
+                                     "initialisation (the scaled recipe multiplies it by the number of processes)")
+PRIMAPS_PRECISION = dict(default="fp32", help="autocast precision; default fp32, as the official PriMaPs-EM runs "
+                                               "(its Trainer is given none); fp16 (with loss scaling) or bf16 "
+                                               "on request; auto: fp16 on GPU, fp32 on CPU")
+PRIMAPS_RECIPE = dict(help="paper: PriMaPs' optimisation on any process count (global batch 32 split over the "
+                           "processes, lr 5e-3, every image each epoch); scaled: batch 32 per process, lr 5e-3 × "
+                           "processes")
+PRIMAPS_TRAINING = {"batch_size": PRIMAPS_BATCH, "lr": PRIMAPS_LR, "recipe": PRIMAPS_RECIPE,
+                    "precision": PRIMAPS_PRECISION}
+
+
+def primaps_unused(values):
+    """Cause mode: the SotA options; backbone mode: CAUSE's too; a STEGO or HP model (or a released PriMaPs
+    checkpoint, whose backbone is inside) also makes the backbone options idle: its own ViT is used."""
+    mode = values["mode"]
+    if mode == "cause":
+        return SOTA
+    own_backbone = mode in SOTA_MODES or values.get("primaps_ckpt") is not None
+    idle_sota = SOTA if mode == "backbone" else ("sota_dropout",) if mode == "hp" else ()
+    return (*CAUSE_FEATURES, *idle_sota, *(("ckpt", "cache_dir", "arch") if own_backbone else ()))
+
+
+def _upstream(cfg, paths):
+    """Cause mode: the CAUSE modules whose features it fits (as the CAUSE test step reads them);
+    backbone mode: its initial prototypes; stego, hp: nothing but the released file (its identity's "sota")."""
+    if cfg.mode == "cause":
+        return test_upstream(cfg, paths)
+    if cfg.mode == "backbone":
+        return {"init": Upstream(paths.primaps_init, "primaps_init")}
+    return {}
+
+
+def _initialised_here(values):
+    """Backbone mode starts from prototypes of its own: train_primaps.py runs their step (primaps_init) first."""
+    return values["mode"] == "backbone"
+
+
+register(Step(
+    name="primaps", engine=__name__, script="train_primaps.py",
+    options=(*DATA, *MODEL, *HEAD_MODEL, *TRAINING, "epochs", "mode", "head", THRESHOLD, KEEP_BEST_ON_VAL, *SOTA,
+             "crf_workers", "accept_partial"),
+    outputs=lambda paths: [paths.primaps], upstream=_upstream, data=("train", "val"), train_set="curated",
+    head="option", resize=PRIMAPS_RESIZE, drop_last=True, epochs=50, runs_first={"primaps_init": _initialised_here},
+    unused=primaps_unused, overrides=PRIMAPS_TRAINING, pipeline="primaps",
+    description="PriMaPs-EM's prototypes (docs/primaps.md §1-§2)"))

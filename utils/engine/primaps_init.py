@@ -9,11 +9,13 @@ from modules.randomness import mixed_seed
 from utils.engine.loop import Training, fit, progress, row_counts, training_data
 from utils.engine.optim import Precision, optimizer_step
 from utils.engine import resume
-from utils.engine.primaps import choices, probe_loss
+from utils.engine.primaps import PRIMAPS_TRAINING, choices, probe_loss
 from utils.engine.status import write_artifact_records
 from utils.engine.trained import Features, mask_backbone
 from utils.runtime.distributed import BatchGroup, broadcast_parameters
 from utils.runtime.io import save_torch
+from utils.runtime.options import POSITIVE, Option
+from utils.runtime.steps import DATA, MODEL, PRIMAPS_RESIZE, TRAINING, Step, register
 
 PCA_SEED = 93  # with the run's seed, seeds the initial PCA's random projection
 
@@ -103,7 +105,28 @@ def work(ctx):
 
     def save(ctx, epochs_done):
         save_torch(probe.state_dict(), ctx.paths.primaps_init)
-        write_artifact_records(ctx, [ctx.paths.primaps_init], epochs_done, choices(ctx))
+        write_artifact_records(ctx, [ctx.paths.primaps_init], epochs_done, choices(ctx, "backbone"))
 
     fit(ctx, training, cfg.train_resolution, save)
     return str(ctx.paths.primaps_init)
+
+
+INIT_EPOCHS = 2
+EPOCHS = Option("init_epochs", "PriMaPs", dict(
+    type=int, default=None, help=f"backbone mode: epochs of the cosine k-means initialisation; default {INIT_EPOCHS}"),
+    refused=POSITIVE)
+PCA_BATCHES = Option("pca_batches", "PriMaPs", dict(
+    type=int, default=93, help="backbone mode: global batches whose patch features the initial PCA reads"),
+    refused=POSITIVE)
+
+
+def _epochs(values, head):
+    """Its epochs come from --init_epochs: in train_primaps.py, which runs it first, --epochs are the EM stage's."""
+    return values["init_epochs"] if values["init_epochs"] is not None else INIT_EPOCHS
+
+
+register(Step(
+    name="primaps_init", engine=__name__, script=None, options=(*DATA, *MODEL, *TRAINING, EPOCHS, PCA_BATCHES),
+    outputs=lambda paths: [paths.primaps_init], data=("train",), train_set="curated", resize=PRIMAPS_RESIZE,
+    drop_last=True, epochs=_epochs, overrides=PRIMAPS_TRAINING,
+    description="PriMaPs-EM's initial prototypes in backbone mode: PCA, then cosine k-means (docs/primaps.md §2)"))

@@ -53,7 +53,9 @@ class StepContext:
 
 
 def run_files(cfg, outputs):
-    return RunFiles(outputs[0], STEPS[cfg.step].run_name(cfg.head), cfg.output_root, cfg.logs_root)
+    """Its resume state, lock and logs; a step that keeps no logs (no --logs_root) has only the lock that matters."""
+    return RunFiles(outputs[0], STEPS[cfg.step].run_name(cfg.head), getattr(cfg, "output_root", None),
+                    getattr(cfg, "logs_root", None))
 
 
 def run_step(cfg, engine):
@@ -82,7 +84,7 @@ def run_step(cfg, engine):
           data_loader_failures()):
         listed = {split: data_files(cfg, split) for split in step.data}
         upstream = upstream_inputs(cfg, paths, fingerprints)
-        warnings = check_complete(upstream, cfg.accept_partial)
+        warnings = check_complete(upstream, getattr(cfg, "accept_partial", False))
         found = identity(cfg, recipe, fingerprints, listed, upstream)
         if not decide_to_run(cfg, label, outputs, files, found, fingerprints):
             _keep(fingerprints)

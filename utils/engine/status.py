@@ -9,7 +9,6 @@ identity and its artifacts are what that run wrote; otherwise it says what chang
 made with the same settings (utils/engine/resume.py).
 """
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from loader import split_files
@@ -19,6 +18,7 @@ from utils.runtime.distributed import torchrun_rank
 from utils.engine import resume
 from utils.runtime.backbone_files import backbone_file
 from utils.runtime.download import downloaded
+from utils.runtime.options import OPTIONS
 from utils.runtime.paths import RunFiles
 from utils.runtime.records import (FingerprintCache, StaleInputError, differences, identity_of, now, project_version,
                                    read_record, recorded_fingerprint, upstream_entry, write_record)
@@ -46,11 +46,12 @@ def fingerprint_cache(cfg):
 def with_backbone_file(cfg):
     """`cfg` with --ckpt turned into the backbone file it names: a path as it is, an arch's release found
     or downloaded (utils/runtime/backbone_files.py); a missing file stops the step."""
-    found = backbone_file(cfg.ckpt, cfg.cache_dir, progress=torchrun_rank() == 0).path
+    cache_dir = getattr(cfg, "cache_dir", OPTIONS["cache_dir"].default)  # a step without --cache_dir: the default
+    found = backbone_file(cfg.ckpt, cache_dir, progress=torchrun_rank() == 0).path
     if not found.is_file():
         raise CheckpointError(f"backbone checkpoint {found} does not exist: pass --ckpt an arch name (e.g. "
                               f"--ckpt dino_vit_base_8) for its authors' release, or the path of a release file")
-    return replace(cfg, ckpt=found)
+    return cfg.replace(ckpt=found)
 
 
 def upstream_inputs(cfg, paths, fingerprints):
@@ -151,7 +152,7 @@ def released(cfg, label, outputs):
     (a released file, or one made by another program, such as STEGO's crops): it is used as it is,
     whatever its inputs (they need not exist)."""
     main = Path(outputs[0])
-    if cfg.restart or not main.exists() or read_record(main) is not None:
+    if getattr(cfg, "restart", False) or not main.exists() or read_record(main) is not None:
         return False
     step = STEPS[cfg.step]
     if step.trains and resume.commit_path(RunFiles(main, step.run_name(cfg.head), cfg.output_root,
@@ -166,7 +167,7 @@ def decide_to_run(cfg, label, outputs, files, found, fingerprints):
     """False when the step's output is up to date; prints why a step runs again. `files`: the run's
     RunFiles (its resume state), `found`: its identity now."""
     main = Path(outputs[0])
-    if cfg.restart:
+    if getattr(cfg, "restart", False):
         resume.discard(files)
         return True
     saved = _saved_state(label, files) if STEPS[cfg.step].trains else None
@@ -233,7 +234,7 @@ def _changed_inputs(old, new):
 
 def _stale(cfg, label, what, changed):
     message = f"[{label}] {what} was made from other inputs or settings: {'; '.join(changed)}"
-    if cfg.if_changed == "refuse":
+    if getattr(cfg, "if_changed", "rerun") == "refuse":
         raise StaleInputError(message + ". Rerun without --if_changed refuse to make it again.")
     say(message + "; running the step again.")
 

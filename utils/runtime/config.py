@@ -1,5 +1,6 @@
 """A step's parser and Config, built from its registry entry (utils/runtime/steps.py) and the option
-catalogue (utils/runtime/options.py), and the rules that derive the rest.
+catalogue (utils/runtime/options.py, and the options steps declare themselves), and the rules that
+derive the rest. A Config holds the options its step takes, and no other.
 
 A step's parser holds only the options its script reads (`python train_mediator.py --help` lists
 them), so `bash run` can route each option to the steps that know it. Nothing is guessed from file
@@ -9,7 +10,6 @@ count, epochs, the precision on this machine) is computed here, once. `result_se
 of a step's identity that comes from its options: what "up to date" compares.
 """
 import argparse
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -20,7 +20,7 @@ from models import ARCHS, resolve_arch
 from models.released import read_sota_file
 from models.released_primaps import read_primaps_checkpoint
 from utils.runtime.distributed import requested_gpus
-from utils.runtime.options import OPTIONS, POSITIVE, SOTA_MODES
+from utils.runtime.options import OPTIONS, SOTA_MODES
 from utils.runtime.steps import STEPS, script_options
 
 
@@ -32,7 +32,7 @@ def option_kwargs(step, name):
     """argparse settings of option `name` in `step`'s parser: the catalogue's, with the step's overrides;
     an --epochs help names the step's own default."""
     kwargs = {**OPTIONS[name].kwargs, **step.overrides.get(name, {})}
-    if name == step.epochs_option and step.trains:
+    if name == "epochs" and step.trains and not callable(step.epochs):
         defaults = step.epochs if isinstance(step.epochs, dict) else {None: step.epochs}
         told = ", ".join(f"{n} ({head.upper()})" if head else str(n) for head, n in defaults.items())
         kwargs["help"] = f"{kwargs['help']}; default {told}"
@@ -56,69 +56,35 @@ def build_parser(step, options=None, **parser_options):
     return parser
 
 
-@dataclass(frozen=True)
 class Config:
-    step: str
-    head: str | None
-    dataset: str
-    data_dir: Path
-    ckpt: Path
-    cache_dir: Path
-    arch: str | None
-    dino_small_heads: int | None
-    output_root: Path
-    results_root: Path
-    logs_root: Path
-    num_codebook: int | None
-    reduced_dim: int | None
-    projection_dim: int | None
-    restart: bool
-    if_changed: str
-    accept_partial: bool
-    recipe: str
-    epochs: int | None
-    batch_size: int
-    lr: float
-    max_steps: int | None
-    grid: bool
-    train_resolution: int | None
-    test_resolution: int | None
-    seed: int
-    label_leak: bool
-    precision: str  # resolved for this machine: fp16, bf16 or fp32
-    gpu: str | None
-    nproc: int
-    port: int
-    num_workers: int
-    crf_workers: int
-    num_pictures: int
-    mode: str
-    threshold: float
-    init_epochs: int | None
-    pca_batches: int
-    keep_best_on_val: bool
-    sota_ckpt: Path | None
-    sota_options: Path | None  # HP's option.json, found beside its ckpt.pth when not given
-    sota_dropout: str | None
-    primaps_ckpt: Path | None
-    # derived
-    n_classes: int
-    dim: int
-    patch: int
-    family: str
-    sota_family: str | None  # "stego" or "hp": the released model --sota_ckpt holds, where the step reads one
-    code_dim: int  # the width of that model's code (0 without one)
+    """A step's configuration: `step`, `head`, the options the step takes (asking for any other is an
+    AttributeError) and what follows from them: `arch` (also of a released file's ViT), `n_classes`, `dim`,
+    `patch`, `family`, `sota_family` ("stego" or "hp": the released model --sota_ckpt holds, where the step
+    reads one, else None), `code_dim` (the width of that model's code, else 0) and, for a step that trains,
+    `epochs`. `precision` is resolved for this machine (fp16, bf16 or fp32)."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"a Config is read-only: replace({name}=...) makes another")
+
+    def replace(self, **changes):
+        return Config(**{**vars(self), **changes})
+
+    def __repr__(self):
+        return f"Config({', '.join(f'{name}={value!r}' for name, value in vars(self).items())})"
 
     @property
     def baseline(self):
         """What names the artifact folders: the backbone checkpoint's file stem (docs/cause.md §3); the
         released STEGO or HP model's name where its code is the features; released_<stem> for a released
         PriMaPs checkpoint."""
-        if self.primaps_ckpt is not None:
+        if getattr(self, "primaps_ckpt", None) is not None:
             return f"released_{self.primaps_ckpt.stem}"
         if self.sota_family is not None:
             return sota_name(self.sota_ckpt)
-        return self.ckpt.stem
+        return self.ckpt.stem if getattr(self, "ckpt", None) is not None else None
 
     @property
     def num_queries(self):
@@ -132,41 +98,44 @@ def parse_config(step, head=None, argv=None):
 
 
 def make_config(step, head, given):
-    """The Config of `step` from the options `given` ({name: value}, as a parser returns them).
-    `head` is the script's head (steps with one script per head); options not given take the step's
-    defaults; those the step does not use given the others become None."""
-    values = {name: option.default for name, option in OPTIONS.items()}
-    values.update({name: kwargs["default"] for name, kwargs in step.overrides.items() if "default" in kwargs})
-    values.update(given)
-    values.update(step.fixed)
-    _check_counts(values)
+    """The Config of `step` from the options `given` ({name: value}, as a parser returns them; those the
+    step does not take are left out). `head` is the script's head (steps with one script per head);
+    options not given take the step's defaults; those that play no part given the others become None."""
+    values = {name: step.overrides.get(name, {}).get("default", OPTIONS[name].default) for name in step.options}
+    values.update((name, value) for name, value in given.items() if name in values)
+    _check_values(values)
     released_arch = _released_primaps(step, values)
-    head_option = values.pop("head")
+    head_option = values.pop("head", None)
     if step.head == "option":
         head = head_option
     elif step.head is None:
         head = None
-    for name in step.unused(values):
+    for name in step.unused({**values, "head": head_option}):
         if name == "head":
             head = None
-        else:
+        elif name in values:
             values[name] = None
     sota = _sota_file(step, values)
     arch = sota.arch if sota else released_arch
-    if arch is None and values["ckpt"] is not None and "ckpt" in step.options:
-        arch = resolve_arch(values["ckpt"], values["arch"])
+    if arch is None and values.get("ckpt") is not None:
+        arch = resolve_arch(values["ckpt"], values.get("arch"))
     uses_model = arch is not None
     spec = ARCHS[arch] if arch else None
-    train_res, test_res = default_resolutions(step, head, spec.family if spec else "dino")
-    epochs = values[step.epochs_option] if values[step.epochs_option] is not None else step.default_epochs(head)
-    cfg = Config(
-        step=step.name, head=head, **{**values, "arch": arch, "epochs": epochs,
-                                      "precision": resolved_precision(values["precision"], device_type(values["gpu"])),
-                                      "train_resolution": values["train_resolution"] or train_res,
-                                      "test_resolution": values["test_resolution"] or test_res},
-        n_classes=DATASETS[values["dataset"]].n_classes, dim=spec.dim if spec else 0,
-        patch=spec.patch if spec else 1, family=spec.family if spec else "",
-        sota_family=sota.family if sota else None, code_dim=sota.code_dim if sota else 0)
+    patch = spec.patch if spec else 1
+    if "precision" in values:
+        values["precision"] = resolved_precision(values["precision"], device_type(values.get("gpu")))
+    train_res, test_res = default_resolutions(step, head, patch)
+    if "train_resolution" in values and values["train_resolution"] is None:
+        values["train_resolution"] = train_res
+    if "test_resolution" in values and values["test_resolution"] is None:
+        # The TR head reads exactly its training grid's tokens: it is tested where it was trained.
+        values["test_resolution"] = values.get("train_resolution", test_res) if head == "tr" else test_res
+    derived = {"epochs": step.epochs_of(values, head)} if step.trains else {}
+    cfg = Config(**{
+        "step": step.name, "head": head, **values, **derived, "arch": arch,
+        "n_classes": DATASETS[values["dataset"]].n_classes, "dim": spec.dim if spec else 0, "patch": patch,
+        "family": spec.family if spec else "", "sota_family": sota.family if sota else None,
+        "code_dim": sota.code_dim if sota else 0})
     if uses_model:
         _check_resolutions(cfg)
     return cfg
@@ -189,7 +158,7 @@ def _released_primaps(step, values):
     """With --primaps_ckpt (docs/sota.md §3b): the released file decides the mode and, unless given, the test
     resolution and (+SotA) the STEGO or HP file; `values` are updated. Returns the backbone's arch in
     backbone mode (the backbone inside the file), else None."""
-    path = values["primaps_ckpt"] if "primaps_ckpt" in step.options else None
+    path = values.get("primaps_ckpt")
     if path is None:
         return None
     released = read_primaps_checkpoint(path)
@@ -281,27 +250,34 @@ def resolved_precision(name, device):
     return "fp16" if device == "cuda" else "fp32"
 
 
-def _check_counts(values):
-    for name in POSITIVE:
-        if values[name] is not None and values[name] < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {values[name]}")
-    if values["num_workers"] < 0:
-        raise ConfigError(f"--num_workers must be 0 or more, got {values['num_workers']}")
-    if not 0 < values["threshold"] <= 1:
-        raise ConfigError(f"--threshold must lie in (0, 1] (a fraction of the best cosine), got {values['threshold']}")
+def _check_values(values):
+    """Refuse, before anything starts, a value its option's declaration refuses (a count below 1, a
+    resolution out of range, a learning rate that is not a positive finite number...)."""
+    for name, value in values.items():
+        refused = OPTIONS[name].refused
+        problem = refused(value) if refused is not None and value is not None else None
+        if problem:
+            raise ConfigError(f"--{name} {problem}")
 
 
 def _check_resolutions(cfg):
     for name in ("train_resolution", "test_resolution"):
-        value = getattr(cfg, name)
-        if value % cfg.patch:
+        value = getattr(cfg, name, None)
+        if value is not None and value % cfg.patch:
             raise ConfigError(f"--{name} {value} is not a multiple of {cfg.arch}'s patch size {cfg.patch}")
+    if cfg.head == "tr" and getattr(cfg, "test_resolution", None) not in (None, getattr(cfg, "train_resolution", None)):
+        raise ConfigError(f"--test_resolution {cfg.test_resolution}: the TR head is built for the tokens of its "
+                          f"training grid, --train_resolution {cfg.train_resolution}; test at that resolution (or "
+                          f"give the --train_resolution the head was trained at)")
 
 
-def default_resolutions(step, head, family):
-    """(train, test) resolution of a step (docs/cause.md §2): 320 everywhere, 322 for DINOv2 (a multiple
-    of its 14-px patch), except where the step trains a head at another (`Step.trains_at`: the MLP head's
+BASE_RESOLUTION = 320  # docs/cause.md §2
+
+
+def default_resolutions(step, head, patch):
+    """(train, test) resolution of a step (docs/cause.md §2): 320 (the next multiple of a 14-px patch above it,
+    322, for such a backbone), except where the step trains a head at another (`Step.trains_at`: the MLP head's
     front door and fine-tuning, 224). The TR head's query count follows the train resolution, so the
     test step builds it from the same."""
-    base = 322 if family == "dinov2" else 320
+    base = -(-BASE_RESOLUTION // patch) * patch
     return step.trains_at.get(head, base), base

@@ -155,7 +155,7 @@ def launch_single(worker, cfg):
     visible GPU, else the CPU. Under torchrun only rank 0 works; the other ranks return None."""
     if torchrun_rank() != 0:
         return None
-    gpus = requested_gpus(cfg.gpu)
+    gpus = requested_gpus(getattr(cfg, "gpu", None))  # a step without --gpu computes on the first visible one
     with data_loader_failures():  # predict.py's too
         return worker(cfg, Dist(0, 1, _device(gpus[0] if gpus else None)))
 

@@ -1,8 +1,10 @@
-"""Every command-line option of the steps, declared once: its flag, group, argparse settings, and
-whether it changes a step's result.
+"""The command-line options many steps share, declared once: flag, group, argparse settings, whether it
+changes a step's result, and which values it refuses. An option one step alone takes is declared with
+that step, in its engine module (an `Option` in its `options`, utils/runtime/steps.py), and joins
+OPTIONS when the step is registered.
 
-Which steps take an option is said by the steps themselves (utils/runtime/steps.py), and so are the
-defaults that differ for one step (PriMaPs' batch of 32, for instance). `changes_result` is what
+Which steps take an option is said by the steps themselves, and so are the defaults that differ for
+one step (PriMaPs' batch of 32, for instance). `changes_result` is what
 makes an artifact "up to date": a step's identity holds the value of every option it takes that
 changes its result (utils/runtime/config.result_settings), and nothing else. Options marked False
 say where or how a step runs (folders, processes, workers, ports) or what it does with a finished
@@ -10,9 +12,11 @@ result (--restart, --if_changed); what they point at (the backbone file, the dat
 identity by its fingerprint instead.
 """
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from loader import DATASETS
 from models import ARCHS
@@ -32,6 +36,8 @@ class Option:
     group: str
     kwargs: dict  # argparse's add_argument settings
     changes_result: bool = True
+    # refused(value) -> why a given value is refused ("must be at least 1, got 0"), None when accepted.
+    refused: Callable | None = None
 
     @property
     def flag(self):
@@ -54,6 +60,44 @@ def yes_no(value):
         return False
     raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
 
+
+def at_least(least):
+    """Refuses a count below `least` (None, "not given", is accepted)."""
+    def refused(value):
+        if value is not None and value < least:
+            return f"must be {'0 or more' if least == 0 else f'at least {least}'}, got {value}"
+        return None
+    return refused
+
+
+def positive_finite(value):
+    if not (math.isfinite(value) and value > 0):
+        return f"must be a positive finite number, got {value}"
+    return None
+
+
+def fraction(value):
+    if not 0 < value <= 1:
+        return f"must lie in (0, 1] (a fraction of the best cosine), got {value}"
+    return None
+
+
+# The largest resolution a step accepts: 2048 px is already 65,536 tokens of an 8-px patch, whose
+# attention alone needs tens of GB; a larger value is a typo, not a run.
+MAX_RESOLUTION = 2048
+
+
+def resolution(value):
+    """A resolution given (None: the step's default) must be positive and at most MAX_RESOLUTION; that it is
+    a multiple of the backbone's patch is checked once the backbone is known (utils/runtime/config.py)."""
+    if value is not None and not 0 < value <= MAX_RESOLUTION:
+        return f"must be a positive multiple of the backbone's patch size, at most {MAX_RESOLUTION}, got {value}"
+    return None
+
+
+POSITIVE = at_least(1)
+RESOLUTION_HELP = (f"a multiple of the backbone's patch size, at most {MAX_RESOLUTION}; default 320 (322 for a "
+                   f"14-px patch: the multiple of the patch next above 320)")
 
 _OPTIONS = (
     # data and backbone
@@ -88,11 +132,11 @@ _OPTIONS = (
     Option("logs_root", "artifacts", dict(type=Path, default=Path("logs"), help="folder of the TensorBoard logs"),
            changes_result=False),
     Option("num_codebook", "artifacts", dict(
-        type=int, default=2048, help="prototypes of the mediator's concept clusterbook")),
+        type=int, default=2048, help="prototypes of the mediator's concept clusterbook"), refused=POSITIVE),
     Option("reduced_dim", "artifacts", dict(
-        type=int, default=90, help="width of the segmentation head's features")),
+        type=int, default=90, help="width of the segmentation head's features"), refused=POSITIVE),
     Option("projection_dim", "artifacts", dict(
-        type=int, default=2048, help="width of the front door's projection head")),
+        type=int, default=2048, help="width of the front door's projection head"), refused=POSITIVE),
     Option("restart", "artifacts", dict(
         action="store_true", help="redo this step from scratch: ignore its resume state and finished output"),
         changes_result=False),
@@ -110,28 +154,28 @@ _OPTIONS = (
         help="paper: the released models' optimisation on any process count (global batch 16 split over "
              "the processes, lr 1e-3 × 4, each epoch the quarter of the crops the official rank 0 saw); "
              "scaled: every crop each epoch, batch 16 per process, lr 1e-3 × processes (not the paper's)")),
-    Option("epochs", "training", dict(type=int, default=None, help="epochs of training")),
+    Option("epochs", "training", dict(type=int, default=None, help="epochs of training"), refused=POSITIVE),
     Option("batch_size", "training", dict(
         type=int, default=16, help="training: the global batch (paper recipe) or the batch per process "
                                    "(scaled); test: images per forward pass; predict.py: windows per "
-                                   "forward pass")),
+                                   "forward pass"), refused=POSITIVE),
     Option("lr", "training", dict(
         type=float, default=1e-3, help="base learning rate of one official GPU; the paper recipe multiplies "
-                                       "it by 4, the scaled one by the number of processes")),
+                                       "it by 4, the scaled one by the number of processes"),
+        refused=positive_finite),
     Option("max_steps", "training", dict(
         type=int, default=None, help="stop each epoch after this many batches (smoke runs; recorded, so a "
-                                     "later full run does not take the result for complete)")),
+                                     "later full run does not take the result for complete)"), refused=POSITIVE),
     Option("grid", "training", dict(type=yes_no, default=True, help="stochastic grid sampling (yes/no)")),
     Option("train_resolution", "training", dict(
         type=int, default=None,
-        help="default 320 (322 for DINOv2); the MLP head's front door and fine-tuning train at 224")),
+        help=f"{RESOLUTION_HELP}; the MLP head's front door and fine-tuning train at 224"), refused=resolution),
     Option("test_resolution", "training", dict(
-        type=int, default=None, help="default 320 (322 for DINOv2); predict.py's window size")),
+        type=int, default=None,
+        help=f"{RESOLUTION_HELP}, and with the TR head its --train_resolution (its queries are the tokens of the "
+             f"grid it was trained at: another test resolution is refused); predict.py's window size"),
+        refused=resolution),
     Option("seed", "training", dict(type=int, default=0, help="seed of every random draw")),
-    Option("label_leak", "training", dict(
-        action="store_true",
-        help="let the labelled probe's loss train head_ema as the official code does (uses ground-truth "
-             "labels; only for comparing with the paper)")),
     # processes
     Option("precision", "processes", dict(
         default="auto", choices=PRECISIONS,
@@ -140,18 +184,20 @@ _OPTIONS = (
         default=None, help="GPUs to use, e.g. 0,1,2,3 (one process each; the test step and predict.py use the "
                            "first); default: all visible, or the CPU"), changes_result=False),
     Option("nproc", "processes", dict(
-        type=int, default=1, help="CPU processes (gloo) when no GPU is used"), changes_result=False),
+        type=int, default=1, help="CPU processes (gloo) when no GPU is used"), changes_result=False,
+        refused=POSITIVE),
     Option("port", "processes", dict(
         type=int, default=12355, help="rendezvous port of a --gpu/--nproc spawn"), changes_result=False),
     Option("num_workers", "processes", dict(
         type=int, default=min(4, os.cpu_count() or 1), help="processes that read the images"),
-        changes_result=False),
+        changes_result=False, refused=at_least(0)),
     # evaluation
     Option("crf_workers", "evaluation", dict(
         type=int, default=min(8, os.cpu_count() or 1), help="processes that run the dense CRF"),
-        changes_result=False),
+        changes_result=False, refused=POSITIVE),
     Option("num_pictures", "evaluation", dict(
-        type=int, default=100, help="val images whose predictions are saved as pictures (-1: all of them)")),
+        type=int, default=100, help="val images whose predictions are saved as pictures (-1: all of them)"),
+        refused=at_least(-1)),
     # released models of other methods
     Option("sota_ckpt", "released models", dict(
         type=Path, default=None,
@@ -182,19 +228,6 @@ _OPTIONS = (
              "model --model primaps reads")),
     Option("head", "PriMaPs", dict(
         default="tr", choices=HEADS, help="cause mode: the CAUSE head whose features are used")),
-    Option("threshold", "PriMaPs", dict(
-        type=float, default=0.4, help="mask proposal threshold ψ: a proposal keeps the patches whose cosine to its "
-                                      "anchor reaches ψ times the best one")),
-    Option("init_epochs", "PriMaPs", dict(
-        type=int, default=None, help="backbone mode: epochs of the cosine k-means initialisation")),
-    Option("pca_batches", "PriMaPs", dict(
-        type=int, default=93, help="backbone mode: global batches whose patch features the initial PCA reads")),
-    Option("keep_best_on_val", "PriMaPs", dict(
-        action="store_true",
-        help="keep the epoch whose θ_M scores the best val mIoU, as the official code does, instead of the last "
-             "one: this selects the model with the val labels")),
 )
 
 OPTIONS = {option.name: option for option in _OPTIONS}
-# Counts that must be positive (or, for num_workers, not negative) whatever the step.
-POSITIVE = ("epochs", "max_steps", "nproc", "batch_size", "init_epochs", "pca_batches", "crf_workers")

@@ -132,8 +132,8 @@ class ArtifactPaths:
 
     @property
     def primaps_init(self):
-        """Backbone mode's initial prototypes: PCA, then cosine k-means."""
-        return self.primaps_dir / "init.pth"
+        """Backbone mode's initial prototypes: PCA, then cosine k-means (in backbone mode's folder)."""
+        return Path(self.root) / self.dataset / "primaps" / self.baseline / "init.pth"
 
     @property
     def primaps_results(self):
@@ -159,9 +159,12 @@ class ArtifactPaths:
 
 
 def paths_of(cfg):
-    """The ArtifactPaths of a run's Config."""
-    return ArtifactPaths(cfg.dataset, cfg.baseline, cfg.num_codebook, cfg.head, cfg.output_root, cfg.results_root,
-                         cfg.logs_root, cfg.mode, cfg.data_dir, cfg.sota_family)
+    """The ArtifactPaths of a run's Config (None for what its step does not take)."""
+    def option(name):
+        return getattr(cfg, name, None)
+    return ArtifactPaths(cfg.dataset, cfg.baseline, option("num_codebook"), cfg.head, option("output_root"),
+                         option("results_root"), option("logs_root"), option("mode"), option("data_dir"),
+                         cfg.sota_family)
 
 
 @dataclass(frozen=True)
