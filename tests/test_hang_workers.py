@@ -22,7 +22,7 @@ from test_distributed import free_port
 from loader.synthetic import make_synthetic_cocostuff
 from models import stand_in_release
 from modules.crf import CrfWorkerDied, crf_inference_job, crf_inputs, crf_pool, dense_crf_batch
-from models.stand_in import save_foreign, stand_in_stego
+from stand_ins import save_foreign, stand_in_stego
 from utils.runtime.io import save_torch
 
 ARCH, K, DIM = "dino_vit_tiny_8", 27, 16
