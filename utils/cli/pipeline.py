@@ -11,7 +11,7 @@ An option goes to the steps it is meant for: `--front_door.epochs 2` to that ste
 to every step that has an --epochs option, shared options (--dataset, --data_dir, --ckpt, --seed,
 --precision, ...) to every step. An option no step knows, or a value a step refuses, stops the run
 before any step starts. The environment gives defaults: DATASET, HEAD, CKPT, DATA_DIR, GPU.
-Each step skips work whose output is up to date and resumes an interrupted one (README).
+Each step skips work whose output is up to date and resumes an interrupted one (docs/runs.md).
 The demo ends by segmenting a few of its images with predict.py, as a user would their own.
 
 `--seeds 0,1,2` runs the chain once per seed, each seed's files apart (ROOT/seed_S under the output,

@@ -106,7 +106,7 @@ _OPTIONS = (
         help="the data set trained on and tested on (predict.py: its classes' names and palette)")),
     Option("data_dir", "data and backbone", dict(
         type=Path, default=Path(os.environ.get("CAUSE_DATA_DIR", "data")),
-        help="folder holding cocostuff/, cityscapes/, pascalvoc/, potsdam/ (README, Data)"), changes_result=False),
+        help="folder holding cocostuff/, cityscapes/, pascalvoc/, potsdam/ (docs/data.md)"), changes_result=False),
     Option("ckpt", "data and backbone", dict(
         type=Path, default=Path("dino_vit_base_8"),
         help="backbone: an arch name (its authors' release: checkpoint/<arch>.pth, else in --cache_dir, where it "
@@ -124,7 +124,7 @@ _OPTIONS = (
              "6 as DINO defines it")),
     # artifacts
     Option("output_root", "artifacts", dict(
-        type=Path, default=Path("CAUSE"), help="folder of the trained (or released) files (README)"),
+        type=Path, default=Path("CAUSE"), help="folder of the trained (or released) files (docs/runs.md)"),
         changes_result=False),
     Option("results_root", "artifacts", dict(
         type=Path, default=Path("results"), help="folder of the test steps' metrics.json and pictures"),

@@ -8,7 +8,7 @@ missing.
 A step is an engine module (`work(ctx)` does the step in one process, `show_result(cfg, paths)`
 prints the result of an up-to-date evaluation) and one `Step` entry. Its options are the names of
 shared ones (utils/runtime/options.py, and the groups below) and the `Option`s it alone takes, declared
-in its entry. README, "The code", shows how to add one; `CAUSE_EXTRA_STEPS` names modules
+in its entry. docs/code.md shows how to add one; `CAUSE_EXTRA_STEPS` names modules
 (comma-separated) that register steps of their own (`load_extra_steps`, which the entry points call),
 so a project built on this one adds steps without editing it.
 """
