@@ -14,6 +14,7 @@ DINO's ViT-S with DINO's own 6 heads, whatever --dino_small_heads the CAUSE step
 import torch
 
 from loader.pseudo_masks import WithMasks
+from models import ARCHS
 from modules.crf import crf_pool
 from modules.features import upsample
 from modules.losses import probe_cross_entropy
@@ -216,7 +217,16 @@ def choices(ctx, mode):
                 "hp": lambda: f"the online code of HP's {cfg.sota_ckpt}, in eval mode"}[mode]()
     return {"choices": {"mode": mode, "features": features, "precision": cfg.precision,
                         "resize": ctx.step.resize, "drop_last": ctx.step.drop_last,
-                        "masks_backbone": f"{cfg.arch}, DINO's {MASK_BACKBONE_HEADS}-head definition"}}
+                        "masks_backbone": masks_backbone_choice(cfg.arch)}}
+
+
+def masks_backbone_choice(arch):
+    """How the masks' backbone is built, in words: the head count PriMaPs gives DINO's ViT-S, the arch's own
+    heads for every other arch (models/vit.build_backbone)."""
+    spec = ARCHS[arch]
+    if spec.family == "dino" and spec.dim == 384:
+        return f"{arch}, DINO's {MASK_BACKBONE_HEADS}-head definition"
+    return f"{arch}, its own {spec.heads} heads"
 
 
 def initial_prototypes(ctx):
