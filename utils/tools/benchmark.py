@@ -1,6 +1,6 @@
 """Training-step cost of this project against the official CAUSE formulation.
 
-    python -m utils.benchmark [--device cpu|cuda] [--full | --full-dinov3 | --small] [--steps N] [--measures ...]
+    python -m utils.tools.benchmark [--device cpu|cuda] [--full | --full-dinov3 | --small] [--steps N] [--measures ...]
                               [--json PATH]
 
 --full uses the paper's shapes (ViT-B/8, 320 px -> 40x40 tokens, batch 16, K = 2048,
