@@ -211,7 +211,7 @@ def test_a_step_added_through_the_registry_alone_runs_in_bash_run(tiny_run, tmp_
     env = {"CAUSE_EXTRA_STEPS": "toy_steps", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     listed = subprocess.run(["bash", str(ROOT / "run"), "--help"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHON": sys.executable, **env}, timeout=120)
-    seed = next(line for line in listed.stdout.splitlines() if line.strip().startswith("--seed"))
+    seed = next(line for line in listed.stdout.splitlines() if line.strip().startswith("--seed "))
     assert "toy" in seed[seed.index("[") + 1:seed.index("]")].split(", ")
     assert "[toy] rounds the toy plays" in next(line for line in listed.stdout.splitlines()
                                                 if line.strip().startswith("--toy_rounds"))

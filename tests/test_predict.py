@@ -276,6 +276,8 @@ def test_a_demo_run_ends_by_segmenting_demo_images_with_the_model_it_tested(tmp_
 
     monkeypatch.setattr(pipeline, "ROOT", tmp_path)  # the demo's data and artifacts go to tmp_path/demo
     monkeypatch.setattr(pipeline.subprocess, "run", record)
+    # No step runs here, so no evaluation is there to report on.
+    monkeypatch.setattr(pipeline, "write_report", lambda results_root: (Path(results_root) / "report.md", []))
     assert pipeline.main(["demo", "--head", "mlp"]) == 0
     assert [command[0] for command in commands] == [
         "crop_dataset.py", "train_mediator.py", "train_front_door_mlp.py", "fine_tuning_mlp.py", "test_mlp.py",

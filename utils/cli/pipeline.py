@@ -30,6 +30,7 @@ from utils.runtime.config import parse_config
 from utils.runtime.options import HEADS, OPTIONS
 from utils.runtime.paths import paths_of
 from utils.runtime.steps import PREDICT, pipeline_steps, script_options
+from utils.tools.report import format_mean_std, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 # {PriMaPs mode: the chains `bash run --primaps` runs}; without --primaps the CAUSE chain alone.
@@ -314,7 +315,6 @@ def finish(steps, configs, chains):
     if chains is not None:
         chains.append((results_root.parent, list(found)))
         return
-    from utils.tools.report import write_report
     md_path, _ = write_report(results_root)
     print(f"report: {md_path}")
 
@@ -329,7 +329,6 @@ def run_seeds(seeds, tokens):
             return code
     if chains:  # a chain with an evaluation
         print_over_seeds(seeds, chains)
-        from utils.tools.report import write_report
         md_path, _ = write_report(chains[0][0])
         print(f"report: {md_path}")
     return 0
@@ -337,7 +336,6 @@ def run_seeds(seeds, tokens):
 
 def print_over_seeds(seeds, chains):
     """Each evaluation's figures over the seeds: mean ± standard deviation (n − 1), and n."""
-    from utils.tools.report import format_mean_std
     print(f"over seeds {', '.join(map(str, seeds))} (n = {len(seeds)}), mean ± std:")
     for files in zip(*(chain_files for _, chain_files in chains), strict=True):
         reports = [json.loads(path.read_text()) for path in files]
