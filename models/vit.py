@@ -52,6 +52,14 @@ def resample_pos_embed(pos_embed, grid, pretrain_grid, family):
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
+def _init_linears(blocks):
+    """timm's ViT init of the blocks' linear layers: truncated normal weights (std 0.02), zero biases."""
+    for module in blocks.modules():
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+
 class FrozenBackbone(nn.Module):
     """What every backbone shares: its identity, the frozen contract and the image checks.
 
@@ -122,10 +130,7 @@ class ViTBackbone(FrozenBackbone):
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
-        for module in self.blocks.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+        _init_linears(self.blocks)
 
     def forward(self, images):
         grid = self._grid(images)
@@ -280,10 +285,7 @@ class RopeViTBackbone(FrozenBackbone):
         # DINOv3's init (the release replaces it); only the demo and tests run on it.
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.storage_tokens, std=0.02)
-        for module in self.blocks.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+        _init_linears(self.blocks)
 
     def forward(self, images):
         grid = self._grid(images)
