@@ -20,7 +20,8 @@ from utils.engine.predict import main as predict_main
 from utils.engine.predictors import CausePredictor
 from utils.cli import pipeline
 from utils.runtime.config import parse_config
-from utils.runtime.steps import PREDICT, STEPS
+from utils.engine.predict import PREDICT
+from utils.runtime.steps import STEPS
 from utils.runtime.pictures import colorize, palette
 
 RESOLUTION = 64

@@ -26,10 +26,11 @@ import sys
 from pathlib import Path
 
 from errors import UserError
+from utils.engine.predict import PREDICT
 from utils.runtime.config import parse_config
 from utils.runtime.options import HEADS, OPTIONS
 from utils.runtime.paths import paths_of
-from utils.runtime.steps import PREDICT, pipeline_steps, script_options
+from utils.runtime.steps import pipeline_steps, script_options
 from utils.tools.report import format_mean_std, write_report
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,11 @@ in stego and hp modes the released model's cluster probe. A released PriMaPs che
 is evaluated as the official test.py does (docs/sota.md §3b); a backbone-mode one holds no initial
 prototypes, so its evaluation has no init_* variants.
 """
+from pathlib import Path
+
 import torch
 
+from models.released_primaps import read_primaps_checkpoint
 from modules.crf import crf_pool
 from modules.features import flip_averaged, upsample
 from utils.engine import evaluate
@@ -20,7 +23,10 @@ from utils.engine.optim import Precision
 from utils.engine.primaps import PRIMAPS_PRECISION, choices, primaps_unused
 from utils.engine.status import uses_backbone
 from utils.engine.trained import evaluated_primaps
-from utils.runtime.steps import DATA, EVALUATION, HEAD_MODEL, MODEL, PRIMAPS_RESIZE, SOTA, Step, Upstream, register
+from utils.runtime.config import ConfigError, check_classes
+from utils.runtime.options import Option
+from utils.runtime.steps import (DATA, EVALUATION, HEAD_MODEL, MODEL, PRIMAPS_RESIZE, SOTA, ReleasedFile, Step,
+                                 Upstream, register)
 
 # The headline's variants keep the CAUSE test step's names, so both metrics.json read alike.
 VARIANTS = {
@@ -83,6 +89,43 @@ def show_result(cfg, paths):
     return evaluate.reprinted(print_report, cfg, paths, paths.primaps_metrics)
 
 
+PRIMAPS_CKPT = Option("primaps_ckpt", "released models", dict(
+    type=Path, default=None,
+    help="a released PriMaPs .ckpt to evaluate (test_primaps.py) or segment with (predict.py): its mode, "
+         "backbone and resolution are the file's (--test_resolution overrides); a +SotA file also needs the "
+         "STEGO or HP file it was trained on (--sota_ckpt, else the path its options store)"),
+    changes_result=False)
+
+
+def adopt_released(values):
+    """With --primaps_ckpt (docs/sota.md §3b): the released file decides the mode and, unless given, the test
+    resolution and (+SotA) the STEGO or HP file; `values` are updated. Its ReleasedFile holds the backbone's
+    arch in backbone mode (the backbone inside the file), None in +SotA modes (the STEGO or HP file's)."""
+    path = values.get("primaps_ckpt")
+    if path is None:
+        return None
+    released = read_primaps_checkpoint(path)
+    mode = released.sota or "backbone"
+    if values["mode"] not in ("cause", mode):  # cause: the default, which no released file has
+        raise ConfigError(f"--mode {values['mode']}, but {path} is a PriMaPs checkpoint of {mode} mode")
+    values["mode"] = mode
+    check_classes(values, released.n_classes, path)
+    if values["test_resolution"] is None:
+        values["test_resolution"] = released.resolution
+    name = f"released_{Path(path).stem}"
+    if released.sota is None:
+        return ReleasedFile(released.arch, name)
+    if values["sota_ckpt"] is None:
+        if not Path(released.sota_path).is_file():
+            raise ConfigError(f"{path} was trained on the {mode.upper()} model {released.sota_path}, which is not "
+                              f"here (a released PriMaPs file does not hold it): pass that file with --sota_ckpt")
+        values["sota_ckpt"] = Path(released.sota_path)
+    stored_options = released.sota_options_path
+    if values["sota_options"] is None and stored_options and Path(stored_options).is_file():
+        values["sota_options"] = Path(stored_options)
+    return ReleasedFile(None, name)
+
+
 def _upstream(cfg, paths):
     """The features' modules as PriMaPs-EM reads them, and its prototypes: trained here, or a released file."""
     if cfg.primaps_ckpt is not None:
@@ -93,7 +136,8 @@ def _upstream(cfg, paths):
 
 register(Step(
     name="test_primaps", engine=__name__, script="test_primaps.py",
-    options=(*DATA, *MODEL, *HEAD_MODEL, *EVALUATION, "mode", "head", *SOTA, "primaps_ckpt"),
-    outputs=lambda paths: [paths.primaps_metrics], upstream=_upstream, data=("val",), head="option",
+    options=(*DATA, *MODEL, *HEAD_MODEL, *EVALUATION, "mode", "head", *SOTA, PRIMAPS_CKPT),
+    outputs=lambda paths: [paths.primaps_metrics], upstream=_upstream, adopt=adopt_released, data=("val",),
+    head="option",
     resize=PRIMAPS_RESIZE, unused=primaps_unused, neutral=("batch_size",), overrides={"precision": PRIMAPS_PRECISION},
     pipeline="primaps", description="PriMaPs-EM's evaluation (docs/primaps.md §3)"))

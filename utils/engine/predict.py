@@ -37,12 +37,13 @@ from loader.user_images import MAX_ASPECT, RejectedImage, check_processable, lis
 from modules.crf import crf_inference_job, crf_inputs, crf_pool
 from modules.features import upsample
 from modules.tiling import dense_feature_grid, resized, upsampled_bands, working_size
+from utils.engine.evaluate_primaps import PRIMAPS_CKPT
 from utils.engine.optim import Precision
 from utils.engine.predictors import LOADERS
 from utils.engine.status import fingerprint_cache, uses_backbone, with_backbone_file
 from utils.runtime.config import ConfigError, build_parser, make_config
 from utils.runtime.options import HEADS
-from utils.runtime.steps import PREDICT, STEPS
+from utils.runtime.steps import BACKBONE, HEAD_MODEL, SOTA, STEPS
 from utils.runtime.distributed import launch_single
 from utils.runtime.io import save_jpeg, save_png, save_text
 from utils.runtime.pictures import colorize, palette
@@ -56,6 +57,10 @@ BAND_VALUES = 1 << 24
 CRF_MAX_PIXELS = 1 << 20
 FOLDERS = {"ids": ".png", "color": ".png", "overlay": ".jpg"}
 CLASSES_FILE = "classes.json"
+# The options predict.py shares with the evaluations, whose model it reads (and its own, below).
+PREDICT = ("dataset", *BACKBONE, "output_root", "results_root", "num_codebook", *HEAD_MODEL, "train_resolution",
+           "batch_size", "precision", "gpu", "num_workers", "crf_workers", "accept_partial", "mode", *SOTA,
+           PRIMAPS_CKPT.name)
 EXIT_SOME_FAILED = 1
 
 DESCRIPTION = ("Segment your own images with a trained (or released) CAUSE model, a PriMaPs-EM model, or a released "
@@ -88,7 +93,7 @@ class PredictError(UserError):
 
 
 def build_predict_parser():
-    """predict.py's parser: the options it shares with the evaluations (utils/runtime/steps.PREDICT), then
+    """predict.py's parser: the options it shares with the evaluations (PREDICT), then
     its own."""
     parser = build_parser(STEPS["test"], options=PREDICT, description=DESCRIPTION, epilog=EPILOG,
                           formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,7 +18,6 @@ from errors import UserError
 from loader import DATASETS
 from models import ARCHS, resolve_arch
 from models.released import read_sota_file
-from models.released_primaps import read_primaps_checkpoint
 from utils.runtime.distributed import requested_gpus
 from utils.runtime.options import OPTIONS, SOTA_MODES
 from utils.runtime.steps import STEPS, script_options
@@ -60,8 +59,9 @@ class Config:
     """A step's configuration: `step`, `head`, the options the step takes (asking for any other is an
     AttributeError) and what follows from them: `arch` (also of a released file's ViT), `n_classes`, `dim`,
     `patch`, `family`, `sota_family` ("stego" or "hp": the released model --sota_ckpt holds, where the step
-    reads one, else None), `code_dim` (the width of that model's code, else 0) and, for a step that trains,
-    `epochs`. `precision` is resolved for this machine (fp16, bf16 or fp32)."""
+    reads one, else None), `code_dim` (the width of that model's code, else 0), `released_name` (what names
+    the artifact folders of a released file the step's own options name: `Step.adopt`, else None) and, for a
+    step that trains, `epochs`. `precision` is resolved for this machine (fp16, bf16 or fp32)."""
 
     def __init__(self, **values):
         self.__dict__.update(values)
@@ -78,10 +78,10 @@ class Config:
     @property
     def baseline(self):
         """What names the artifact folders: the backbone checkpoint's file stem (docs/cause.md §3); the
-        released STEGO or HP model's name where its code is the features; released_<stem> for a released
-        PriMaPs checkpoint."""
-        if getattr(self, "primaps_ckpt", None) is not None:
-            return f"released_{self.primaps_ckpt.stem}"
+        released STEGO or HP model's name where its code is the features; the step's own released file's
+        name (a released PriMaPs checkpoint's released_<stem>)."""
+        if self.released_name is not None:
+            return self.released_name
         if self.sota_family is not None:
             return sota_name(self.sota_ckpt)
         return self.ckpt.stem if getattr(self, "ckpt", None) is not None else None
@@ -104,7 +104,7 @@ def make_config(step, head, given):
     values = {name: step.overrides.get(name, {}).get("default", OPTIONS[name].default) for name in step.options}
     values.update((name, value) for name, value in given.items() if name in values)
     _check_values(values)
-    released_arch = _released_primaps(step, values)
+    released = step.adopt(values)
     head_option = values.pop("head", None)
     if step.head == "option":
         head = head_option
@@ -116,7 +116,7 @@ def make_config(step, head, given):
         elif name in values:
             values[name] = None
     sota = _sota_file(step, values)
-    arch = sota.arch if sota else released_arch
+    arch = sota.arch if sota else released.arch if released else None
     if arch is None and values.get("ckpt") is not None:
         arch = resolve_arch(values["ckpt"], values.get("arch"))
     uses_model = arch is not None
@@ -135,7 +135,7 @@ def make_config(step, head, given):
         "step": step.name, "head": head, **values, **derived, "arch": arch,
         "n_classes": DATASETS[values["dataset"]].n_classes, "dim": spec.dim if spec else 0, "patch": patch,
         "family": spec.family if spec else "", "sota_family": sota.family if sota else None,
-        "code_dim": sota.code_dim if sota else 0})
+        "code_dim": sota.code_dim if sota else 0, "released_name": released.name if released else None})
     if uses_model:
         _check_resolutions(cfg)
     return cfg
@@ -147,39 +147,11 @@ def sota_name(path):
     return path.parent.name if path.stem == "ckpt" and path.parent.name else path.stem
 
 
-def _check_classes(values, n_classes, path):
+def check_classes(values, n_classes, path):
     wanted = DATASETS[values["dataset"]].n_classes
     if n_classes != wanted:
         raise ConfigError(f"{path} predicts {n_classes} classes, but --dataset {values['dataset']} has {wanted}: "
                           f"pass the data set it was trained on")
-
-
-def _released_primaps(step, values):
-    """With --primaps_ckpt (docs/sota.md §3b): the released file decides the mode and, unless given, the test
-    resolution and (+SotA) the STEGO or HP file; `values` are updated. Returns the backbone's arch in
-    backbone mode (the backbone inside the file), else None."""
-    path = values.get("primaps_ckpt")
-    if path is None:
-        return None
-    released = read_primaps_checkpoint(path)
-    mode = released.sota or "backbone"
-    if values["mode"] not in ("cause", mode):  # cause: the default, which no released file has
-        raise ConfigError(f"--mode {values['mode']}, but {path} is a PriMaPs checkpoint of {mode} mode")
-    values["mode"] = mode
-    _check_classes(values, released.n_classes, path)
-    if values["test_resolution"] is None:
-        values["test_resolution"] = released.resolution
-    if released.sota is None:
-        return released.arch
-    if values["sota_ckpt"] is None:
-        if not Path(released.sota_path).is_file():
-            raise ConfigError(f"{path} was trained on the {mode.upper()} model {released.sota_path}, which is not "
-                              f"here (a released PriMaPs file does not hold it): pass that file with --sota_ckpt")
-        values["sota_ckpt"] = Path(released.sota_path)
-    stored_options = released.sota_options_path
-    if values["sota_options"] is None and stored_options and Path(stored_options).is_file():
-        values["sota_options"] = Path(stored_options)
-    return None
 
 
 def _sota_file(step, values):
@@ -197,7 +169,7 @@ def _sota_file(step, values):
         kind = "an HP" if sota.family == "hp" else "a STEGO"
         raise ConfigError(f"--mode {values['mode']}, but {values['sota_ckpt']} is {kind} checkpoint: pass "
                           f"--mode {sota.family}")
-    _check_classes(values, sota.n_classes, values["sota_ckpt"])
+    check_classes(values, sota.n_classes, values["sota_ckpt"])
     values["sota_options"] = Path(sota.options_path) if sota.options_path else None
     return sota
 

@@ -211,12 +211,6 @@ _OPTIONS = (
         help="--mode stego: official (default): STEGO's Dropout2d(0.1) stays active while PriMaPs-EM trains, "
              "validates and tests, as the official PriMaPs wrapper leaves STEGO in train mode; eval: STEGO in "
              "eval mode. HP runs in eval mode either way, as the official code puts it")),
-    Option("primaps_ckpt", "released models", dict(
-        type=Path, default=None,
-        help="a released PriMaPs .ckpt to evaluate (test_primaps.py) or segment with (predict.py): its mode, "
-             "backbone and resolution are the file's (--test_resolution overrides); a +SotA file also needs the "
-             "STEGO or HP file it was trained on (--sota_ckpt, else the path its options store)"),
-        changes_result=False),
     # PriMaPs
     Option("mode", "PriMaPs", dict(
         default="cause", choices=PRIMAPS_MODES,

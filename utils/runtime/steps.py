@@ -16,7 +16,7 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from utils.runtime.options import OPTIONS, Option
 
@@ -32,6 +32,16 @@ class Upstream:
 
 def _no_upstream(cfg, paths):
     return {}
+
+
+class ReleasedFile(NamedTuple):
+    """A released file that a step's own options name and that decides some of its settings."""
+    arch: str | None  # the arch of the backbone inside it; None when another file holds the backbone
+    name: str  # what names the step's artifact folders
+
+
+def _adopts_nothing(values):
+    return None
 
 
 def _nothing(values):
@@ -61,6 +71,10 @@ class Step:
     # list: nothing to make for this data set.
     outputs: Callable
     upstream: Callable = _no_upstream  # upstream(cfg, paths) -> {name: Upstream} of the artifacts it reads
+    # adopt(values) -> a ReleasedFile where the step's own options name a released file that decides some of
+    # its settings (it updates `values`: test_primaps' --primaps_ckpt decides the mode and resolution); None
+    # where they name none.
+    adopt: Callable = _adopts_nothing
     data: tuple = ()  # the splits whose files it reads
     train_set: str = "crops"  # which train files (loader.TRAIN_SETS)
     # How its train and val images and labels are resized (loader/transforms.RESIZES): part of its identity.
@@ -181,10 +195,6 @@ EVALUATION = ("results_root", "restart", "accept_partial", "crf_workers", "num_p
 SOTA = ("sota_ckpt", "sota_options", "sota_dropout")  # a released STEGO or HP model (docs/sota.md)
 # What PriMaPs-EM takes only in cause mode (CAUSE's features); in the other modes they play no part.
 CAUSE_FEATURES = ("head", "dino_small_heads", "num_codebook", "reduced_dim", "projection_dim")
-# predict.py reads the model an evaluation reads, with these of its options (and its own).
-PREDICT = ("dataset", *BACKBONE, "output_root", "results_root", "num_codebook", *HEAD_MODEL, "train_resolution",
-           "batch_size", "precision", "gpu", "num_workers", "crf_workers", "accept_partial", "mode", *SOTA,
-           "primaps_ckpt")
 
 MLP_AT_224 = {"mlp": 224}  # the MLP head's front door and fine-tuning (docs/cause.md §2)
 
