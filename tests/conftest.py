@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from file_server import FileServer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -40,3 +41,14 @@ def bank_entries(bank):
         slots = (int(bank.head[k]) - n + torch.arange(n)) % bank.capacity
         entries[k] = bank.values[k, slots.to(bank.count.device)]
     return entries
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A file server on 127.0.0.1 that every download reaches through the mirror variable: no test leaves
+    the machine."""
+    from utils.runtime.download import MIRROR_VARIABLE  # after the repository is on the path (above)
+    served = FileServer()
+    monkeypatch.setenv(MIRROR_VARIABLE, served.base)
+    yield served
+    served.close()

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN, load_golden
-from file_server import FileServer
 
 from models import ARCHS, CheckpointError, build_backbone, load_backbone
 from models.releases import DINOV3_REQUEST_PAGE, GATED_RELEASES, OFFICIAL_FILE_NAMES, RELEASES
@@ -164,14 +163,6 @@ def test_dinov3_attention_is_fused_with_rope_on_the_patch_tokens_only():
     sin, cos = backbone.rope_embed((2, 3))
     assert sin.shape == cos.shape == (6, 64)
     torch.testing.assert_close(sin[:, :16], sin[:, 32:48], rtol=0, atol=0)  # the angles, twice over a head
-
-
-@pytest.fixture
-def server(monkeypatch):
-    served = FileServer()
-    monkeypatch.setenv(MIRROR_VARIABLE, served.base)
-    yield served
-    served.close()
 
 
 def test_dinov2_reg_by_name_downloads_its_public_release(server, tmp_path, monkeypatch):

@@ -42,14 +42,6 @@ def sha256(content):
     return f"sha256:{hashlib.sha256(content).hexdigest()}"
 
 
-@pytest.fixture
-def server(monkeypatch):
-    served = FileServer()
-    monkeypatch.setenv(MIRROR_VARIABLE, served.base)
-    yield served
-    served.close()
-
-
 def visible_files(folder):
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
