@@ -13,7 +13,7 @@ from steps import make_tiny_setup, run_step, step_args
 import utils.runtime.records
 from models import build_backbone
 from utils.runtime.io import save_torch
-from utils.runtime.records import FingerprintCache
+from utils.runtime.records import FingerprintCache, file_list_fingerprint
 
 HEAD_DIR = "CAUSE/cocostuff27/dino_vit_tiny_8/16"
 MEDIATOR = "CAUSE/cocostuff27/modularity/dino_vit_tiny_8/16/modular.json"
@@ -37,7 +37,7 @@ def test_a_file_list_changes_with_any_file_added_removed_renamed_resized_or_rewr
         (folder / name).write_bytes(content)
 
     def fingerprint():
-        return FingerprintCache.file_list(sorted(folder.iterdir()), tmp_path)["fingerprint"]
+        return file_list_fingerprint(sorted(folder.iterdir()), tmp_path)["fingerprint"]
 
     os.utime(folder / "a.png", ns=(1, 1_000_000_000))
     seen = [fingerprint()]

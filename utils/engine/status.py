@@ -18,10 +18,10 @@ from utils.runtime.distributed import torchrun_rank
 from utils.engine import resume
 from utils.runtime.backbone_files import backbone_file
 from utils.runtime.download import downloaded
-from utils.runtime.options import OPTIONS
 from utils.runtime.paths import RunFiles
-from utils.runtime.records import (FingerprintCache, StaleInputError, differences, identity_of, now, project_version,
-                                   read_record, recorded_fingerprint, upstream_entry, write_record)
+from utils.runtime.records import (FingerprintCache, StaleInputError, differences, file_list_fingerprint, identity_of,
+                                   now, project_version, read_record, recorded_fingerprint, upstream_entry,
+                                   write_record)
 from utils.runtime.steps import STEPS, command_of
 
 
@@ -46,8 +46,8 @@ def fingerprint_cache(cfg):
 def with_backbone_file(cfg):
     """`cfg` with --ckpt turned into the backbone file it names: a path as it is, an arch's release found
     or downloaded (utils/runtime/backbone_files.py); a missing file stops the step."""
-    cache_dir = getattr(cfg, "cache_dir", OPTIONS["cache_dir"].default)  # a step without --cache_dir: the default
-    found = backbone_file(cfg.ckpt, cache_dir, progress=torchrun_rank() == 0).path
+    # A step without --cache_dir: backbone_file's default cache.
+    found = backbone_file(cfg.ckpt, getattr(cfg, "cache_dir", None), progress=torchrun_rank() == 0).path
     if not found.is_file():
         raise CheckpointError(f"backbone checkpoint {found} does not exist: pass --ckpt an arch name (e.g. "
                               f"--ckpt dino_vit_base_8) for its authors' release, or the path of a release file")
@@ -86,7 +86,7 @@ def identity(cfg, recipe, fingerprints, files, upstream):
     resize = {split: step.resize[split] for split in step.data}
     found = {"settings": {**result_settings(cfg), **(recipe.settings() if recipe else {}),
                           **({"resize": resize} if resize else {})},
-             "data": {split: fingerprints.file_list(listed, cfg.data_dir)
+             "data": {split: file_list_fingerprint(listed, cfg.data_dir)
                       for split, listed in files.items()},
              "upstream": {name: identity_of(entry) for name, entry in upstream.items()}}
     if uses_backbone(cfg):

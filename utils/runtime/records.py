@@ -86,17 +86,6 @@ class FingerprintCache:
             self.entries[str(path)] = self.updated[str(path)] = {"state": state, "fingerprint": fingerprint}
         return fingerprint
 
-    @staticmethod
-    def file_list(files, root):
-        """sha256 of the files' names relative to `root`, in order, with their sizes and modification
-        times: a file added, removed, renamed, resized or rewritten changes it."""
-        files = [Path(f) for f in files]
-        lines = []
-        for f in files:
-            stat = f.stat()
-            lines.append(f"{os.path.relpath(f, root)}\t{stat.st_size}\t{stat.st_mtime_ns}")
-        return {"fingerprint": _digest(lines), "files": len(files)}
-
     def artifact(self, path):
         """The fingerprint of an artifact: a file's content, or a folder's files (names, sizes and
         modification times, its record left out)."""
@@ -104,7 +93,7 @@ class FingerprintCache:
         if not path.is_dir():
             return self.file(path)
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != FOLDER_RECORD)
-        return self.file_list(files, path)["fingerprint"]
+        return file_list_fingerprint(files, path)["fingerprint"]
 
     def save(self):
         """Write the hashes taken here into the cache (whole or not at all), with what other runs wrote
@@ -117,6 +106,16 @@ class FingerprintCache:
             on_disk = {}
         save_text(json.dumps({**(on_disk if isinstance(on_disk, dict) else {}), **self.updated}), self.path)
         self.updated = {}
+
+
+def file_list_fingerprint(files, root):
+    """sha256 of the files' names relative to `root`, in order, with their sizes and modification times: a
+    file added, removed, renamed, resized or rewritten changes it. A stat per file, never cached."""
+    lines = []
+    for f in map(Path, files):
+        stat = f.stat()
+        lines.append(f"{os.path.relpath(f, root)}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return {"fingerprint": _digest(lines), "files": len(lines)}
 
 
 def _digest(lines):
